@@ -1,0 +1,203 @@
+"""Transformer building blocks of the cross-modal audio-visual Transformer (MulT-style, pre-LayerNorm).
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`-like `feature` for inputs) so
+that a sharding rule table in the config can place it; nothing here knows about meshes.
+
+Shapes: B batch, T query time, S key time, E width, N heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+default_kernel_init = nn.initializers.xavier_uniform()
+# Logical axis names of activations; the trainer maps them to mesh axes (or leaves them unconstrained).
+BATCH_TIME_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
+  """Table of sinusoidal embeddings for positions 0..num_positions-1; row 0 (padding) is zero.
+
+  Sine half then cosine half; frequency k is exp(-k ln(10000) / (half - 1)); an odd width gets a zero column.
+  """
+  half = dim // 2
+  scale = math.log(10000.0) / max(half - 1, 1)
+  freqs = np.exp(np.arange(half, dtype=np.float64) * -scale)
+  angles = np.arange(num_positions, dtype=np.float64)[:, None] * freqs[None, :]
+  table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  if dim % 2:
+    table = np.concatenate([table, np.zeros((num_positions, 1))], axis=1)
+  table[0] = 0.0
+  return table.astype(np.float32)
+
+
+def position_ids(valid: jax.Array) -> jax.Array:
+  """1-based positions t+1 where `valid`, 0 (the zero embedding) elsewhere. valid: [B, T] bool."""
+  t = jnp.arange(1, valid.shape[1] + 1, dtype=jnp.int32)[None, :]
+  return jnp.where(valid, t, 0)
+
+
+def attention_mask(q_valid: jax.Array | None, kv_valid: jax.Array | None, q_len: int, kv_len: int,
+                   causal: bool) -> jax.Array | None:
+  """Boolean mask [B or 1, 1, T, S], True where a query may attend to a key.
+
+  Causal masking follows the release: query t sees keys s <= t + |S - T| (the usual lower triangle for S == T).
+  Key padding: keys where kv_valid is False are hidden.
+  """
+  mask = None
+  if causal:
+    offset = abs(kv_len - q_len)
+    tri = jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + offset
+    mask = tri[None, None]
+  if kv_valid is not None:
+    key_mask = kv_valid[:, None, None, :]
+    mask = key_mask if mask is None else jnp.logical_and(mask, key_mask)
+  del q_valid  # Padded query rows produce values that are masked downstream; they still see valid keys.
+  return mask
+
+
+def reference_attention(q, k, v, mask, dropout_rng=None, dropout_rate=0.0, deterministic=True):
+  """Multi-head attention with explicit softmax (used when attention dropout is active).
+
+  q: [B, T, N, H] (already scaled), k/v: [B, S, N, H], mask: broadcastable to [B, N, T, S] or None.
+  """
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if not deterministic and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with separate query and key/value streams (self-attention when they are the same)."""
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation (None, 'xla', 'cudnn').
+
+  @nn.compact
+  def __call__(self, x_q, x_k, x_v, mask, deterministic: bool):
+    width = x_q.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+
+    def proj(name):
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype, name=name,
+          kernel_init=logical(default_kernel_init, ("embed", "heads", "kv")),
+          bias_init=logical(nn.initializers.zeros, ("heads", "kv")))
+
+    # Queries are scaled after the projection (bias included), as in the release.
+    q = proj("query")(x_q) * jnp.asarray(head_dim ** -0.5, self.dtype)
+    k = proj("key")(x_k)
+    v = proj("value")(x_v)
+    if not deterministic and self.dropout_rate > 0.0:
+      out = reference_attention(q, k, v, mask, self.make_rng("dropout"), self.dropout_rate, deterministic=False)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=self.implementation)
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, name="out",
+        kernel_init=logical(default_kernel_init, ("heads", "kv", "embed")),
+        bias_init=logical(nn.initializers.zeros, ("embed",)))(out)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LN Transformer layer; with a key/value stream it is a cross-attention layer.
+
+  The first LayerNorm is shared by the query stream and the key/value streams (as released).
+  """
+  num_heads: int
+  mlp_ratio: int = 4
+  attention_dropout: float = 0.0
+  residual_dropout: float = 0.1
+  relu_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, x_k, x_v, mask, deterministic: bool):
+    width = x.shape[-1]
+    ln0 = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_attention",
+                       scale_init=logical(nn.initializers.ones, ("embed",)),
+                       bias_init=logical(nn.initializers.zeros, ("embed",)))
+    h = ln0(x)
+    if x_k is None:
+      k = v = h
+    else:
+      k, v = ln0(x_k), ln0(x_v)
+    h = MultiHeadAttention(self.num_heads, self.attention_dropout, self.dtype, self.attention_impl,
+                           name="attention")(h, k, v, mask, deterministic)
+    h = nn.Dropout(self.residual_dropout)(h, deterministic=deterministic)
+    x = x + h
+    h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_mlp",
+                     scale_init=logical(nn.initializers.ones, ("embed",)),
+                     bias_init=logical(nn.initializers.zeros, ("embed",)))(x)
+    h = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, name="fc1",
+                 kernel_init=logical(default_kernel_init, ("embed", "mlp")),
+                 bias_init=logical(nn.initializers.zeros, ("mlp",)))(h)
+    h = nn.relu(h)
+    h = nn.Dropout(self.relu_dropout)(h, deterministic=deterministic)
+    h = nn.Dense(width, dtype=self.dtype, name="fc2",
+                 kernel_init=logical(default_kernel_init, ("mlp", "embed")),
+                 bias_init=logical(nn.initializers.zeros, ("embed",)))(h)
+    h = nn.Dropout(self.residual_dropout)(h, deterministic=deterministic)
+    x = x + h
+    return nn.with_logical_constraint(x, BATCH_TIME_EMBED)
+
+
+class Encoder(nn.Module):
+  """A stack of pre-LN layers with input scaling, sinusoidal positions, embedding dropout and a final LayerNorm.
+
+  With `kv` given, every layer attends from the query stream to the same (fixed) key/value stream.
+  Position rule: `pos_valid` marks frames that get a positional embedding (the others get the zero row).
+  """
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int = 4
+  embed_dropout: float = 0.25
+  attention_dropout: float = 0.0
+  residual_dropout: float = 0.1
+  relu_dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+  remat: bool = False
+
+  def _embed(self, x, pos_valid, deterministic):
+    width = x.shape[-1]
+    table = jnp.asarray(sinusoidal_table(x.shape[1] + 1, width))
+    x = math.sqrt(width) * x.astype(jnp.float32) + table[position_ids(pos_valid)]
+    return nn.Dropout(self.embed_dropout)(x, deterministic=deterministic).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x, pos_valid, mask, deterministic: bool, kv=None, kv_pos_valid=None):
+    x = self._embed(x, pos_valid, deterministic)
+    x_k = x_v = None
+    if kv is not None:
+      # The key and value streams receive independent embedding dropout, as in the release.
+      x_k = self._embed(kv, kv_pos_valid, deterministic)
+      x_v = self._embed(kv, kv_pos_valid, deterministic)
+    layer_cls = EncoderLayer
+    if self.remat:
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(5,))
+    for i in range(self.num_layers):
+      x = layer_cls(self.num_heads, self.mlp_ratio, self.attention_dropout, self.residual_dropout,
+                    self.relu_dropout, self.dtype, self.attention_impl, name=f"layer_{i}")(
+                        x, x_k, x_v, mask, deterministic)
+    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final",
+                        scale_init=logical(nn.initializers.ones, ("embed",)),
+                        bias_init=logical(nn.initializers.zeros, ("embed",)))(x)
