@@ -97,10 +97,7 @@ class MultiHeadAttention(nn.Module):
     head_dim = width // self.num_heads
 
     def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), dtype=self.dtype, name=name,
-          kernel_init=logical(default_kernel_init, ("embed", "heads", "kv")),
-          bias_init=logical(nn.initializers.zeros, ("heads", "kv")))
+      return HeadProjection(self.num_heads, head_dim, self.dtype, name=name)
 
     # Queries are scaled after the projection (bias included), as in the release.
     q = proj("query")(x_q) * jnp.asarray(head_dim ** -0.5, self.dtype)
@@ -110,10 +107,39 @@ class MultiHeadAttention(nn.Module):
       out = reference_attention(q, k, v, mask, self.make_rng("dropout"), self.dropout_rate, deterministic=False)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=self.implementation)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=logical(default_kernel_init, ("heads", "kv", "embed")),
-        bias_init=logical(nn.initializers.zeros, ("embed",)))(out)
+    return HeadMerge(width, self.dtype, name="out")(out)
+
+
+class HeadProjection(nn.Module):
+  """x [..., E] -> [..., N, H] with kernel [E, N, H] and bias [N, H] (Xavier-uniform over E x N*H)."""
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+    kernel = self.param("kernel", logical(init, ("embed", "heads", "kv")),
+                        (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
+    bias = self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")), (self.num_heads, self.head_dim),
+                      jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    return jnp.einsum("...e,enh->...nh", x, kernel) + bias
+
+
+class HeadMerge(nn.Module):
+  """[..., N, H] -> [..., E] with kernel [N, H, E] and bias [E]."""
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+    kernel = self.param("kernel", logical(init, ("heads", "kv", "embed")), (x.shape[-2], x.shape[-1], self.width),
+                        jnp.float32)
+    bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (self.width,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    return jnp.einsum("...nh,nhe->...e", x, kernel) + bias
 
 
 class EncoderLayer(nn.Module):

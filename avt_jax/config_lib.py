@@ -1,0 +1,72 @@
+"""Shared pieces of the run configs in configs/ (ml_collections)."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from avt_jax.models.avt import model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "sample", "prepared")
+CREMA_D_CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+
+
+def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = mode                     # pretrain | finetune | eval
+  c.task = "classification"         # finetune / eval: classification | regression
+  c.workdir = ""                    # default for --workdir
+  c.seed = 0
+  c.total_steps = 200
+  c.batch_size = 8                  # global, over all processes
+  c.eval_batch_size = 8
+  c.log_every_steps = 10
+  c.eval_every_steps = 100          # 0 = only at the end
+  c.eval_max_batches = 0            # 0 = the whole eval split
+  c.checkpoint_every_steps = 100    # 0 = only at the end
+  c.keep_checkpoints = 3
+  c.init_from = ""                  # pretrained run dir / checkpoint to take the encoder from
+  c.compilation_cache_dir = ""      # '' = ~/.cache/avt_jax/xla, 'none' = off
+  c.peak_flops = 0.0                # per device, for MFU; 0 = from the device kind table
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh.rules = ()                 # () = avt_jax.sharding.DEFAULT_RULES
+
+  c.model = model_config("base")
+  c.model.audio_frontend = dict(type="auto", dim=0, channels=(128, 128))
+  c.model.visual_frontend = dict(type="auto", dim=0, channels=(32, 64, 128))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = SAMPLE             # prepared dir, 'tfds:<name>/<split>', a mapping or a list (mixture)
+  c.data.eval = SAMPLE
+  c.data.max_tokens = 16            # T: clips are cropped / zero-padded to this many tokens (5 per second)
+  c.data.worker_count = 0
+
+  c.masking = ml_collections.ConfigDict(dict(ratio=0.05, span=3, probs=(0.8, 0.1, 0.1)))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="bert_adam", lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0,
+      per_tensor_clip=1.0, schedule="warmup_linear", warmup_fraction=0.1, end_lr=0.0,
+      total_steps=ml_collections.FieldReference(None, field_type=int), param_groups=()))
+  c.optimizer.total_steps = c.get_ref("total_steps")
+
+  c.loss = ml_collections.ConfigDict(dict(regression="mse", target_indices=(0, 1),
+                                          target_names=("arousal", "valence")))
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a seconds-long CPU run (tests, smoke checks)."""
+  c.model.update(dict(size="tiny", width=32, num_heads=2, num_layers=1))
+  c.model.audio_frontend.channels = (8, 8)
+  c.model.visual_frontend.channels = (4, 8)
+  c.total_steps = 6
+  c.batch_size = 4
+  c.eval_batch_size = 4
+  c.log_every_steps = 2
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 3
+  c.data.max_tokens = 8
+  return c

@@ -1,0 +1,70 @@
+"""Entry point: python -m avt_jax.main --config=configs/pretrain.py [--workdir=...] [--config.<field>=<value>]
+
+config.mode selects pretraining, fine-tuning or evaluation-only. On a multi-process run (Cloud TPU pod, several GPU
+hosts) every process runs the same command; `jax.distributed.initialize()` is called when the environment says so
+(TPU VM metadata, SLURM, or AVT_COORDINATOR / AVT_NUM_PROCESSES / AVT_PROCESS_ID).
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py[:variant]).",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, TensorBoard). Default: config.workdir.")
+flags.DEFINE_bool("distributed", None, "Force (True) or skip (False) jax.distributed.initialize(); default: auto.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def _should_initialize_distributed() -> bool:
+  if FLAGS.distributed is not None:
+    return FLAGS.distributed
+  env = os.environ
+  return any(k in env for k in ("AVT_COORDINATOR", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) and (
+      int(env.get("AVT_NUM_PROCESSES", env.get("SLURM_NTASKS", "2"))) > 1)
+
+
+def initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  env = os.environ
+  if "AVT_COORDINATOR" in env:
+    jax.distributed.initialize(coordinator_address=env["AVT_COORDINATOR"],
+                               num_processes=int(env["AVT_NUM_PROCESSES"]),
+                               process_id=int(env["AVT_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()  # Cloud TPU and SLURM are detected by JAX itself.
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Keeps INFO chatter of the checkpointing library out of the run log (warnings and errors still pass)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _should_initialize_distributed():
+    initialize_distributed()
+  from avt_jax import train  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  workdir = FLAGS.workdir or config.get("workdir")
+  if not workdir:
+    raise app.UsageError("give --workdir (or set config.workdir)")
+  result = train.run(config, workdir)
+  logging.info("finished: %s", json.dumps(result, default=float))
+  print(json.dumps(result, default=float))
+
+
+if __name__ == "__main__":
+  app.run(main)

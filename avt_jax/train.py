@@ -1,0 +1,488 @@
+"""The trainer: pretraining (masked-frame reconstruction), fine-tuning (classification / regression) and
+evaluation-only runs, one loop for all of them.
+
+Sections, in order: config checks -> mesh -> input -> model/optimizer -> sharded state -> steps -> restore ->
+evaluation -> loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from flax import linen as nn
+
+from avt_jax import checkpointing, input_pipeline, losses, masking, metrics, optim, sharding, summary
+from avt_jax.models import avt
+
+MODES = ("pretrain", "finetune", "eval")
+TASKS = ("classification", "regression")
+
+
+class TrainingError(RuntimeError):
+  """The run cannot continue (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config checks.
+
+
+REQUIRED = ("mode", "total_steps", "batch_size", "seed", "log_every_steps", "eval_every_steps",
+            "checkpoint_every_steps", "keep_checkpoints", "init_from", "mesh", "model", "data", "optimizer")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the config up front; raises ValueError naming the field and what was expected."""
+  missing = [k for k in REQUIRED if k not in config]
+  if missing:
+    raise ValueError(f"config lacks required fields {missing}")
+  if config.mode not in MODES:
+    raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}")
+  if config.mode != "pretrain" and config.get("task") not in TASKS:
+    raise ValueError(f"config.task={config.get('task')!r}; expected one of {TASKS} for mode {config.mode!r}")
+  for k in ("total_steps", "batch_size", "log_every_steps", "keep_checkpoints"):
+    if not isinstance(config[k], int) or config[k] < 1:
+      raise ValueError(f"config.{k}={config[k]!r}; expected a positive integer")
+  for k in ("eval_every_steps", "checkpoint_every_steps"):
+    if not isinstance(config[k], int) or config[k] < 0:
+      raise ValueError(f"config.{k}={config[k]!r}; expected an integer >= 0 (0 = only at the end)")
+  if config.mode == "eval" and not config.init_from:
+    raise ValueError("config.mode='eval' needs config.init_from (the run to evaluate)")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the process count "
+                     f"{jax.process_count()}")
+  if not config.data.get("train"):
+    raise ValueError("config.data.train is empty: give a prepared dataset directory (python -m data.prepare)")
+  if config.data.max_tokens < 1:
+    raise ValueError(f"config.data.max_tokens={config.data.max_tokens}; expected >= 1")
+  mesh_devices = math.prod(v for k, v in config.mesh.items() if k in sharding.AXES and v != -1)
+  if config.batch_size % mesh_devices and -1 not in [config.mesh.get(a, 1) for a in sharding.AXES]:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh size {mesh_devices}")
+
+
+def fill_model_config(config: ml_collections.ConfigDict, geometry: input_pipeline.Geometry) -> None:
+  """Sets the frontends' types and the reconstruction target widths from the dataset geometry."""
+  m = config.model
+  with m.unlocked():
+    raw = geometry.kind == "raw"
+    want_a, want_v = ("logmel", "face") if raw else ("features", "features")
+    for key, want in (("audio_frontend", want_a), ("visual_frontend", want_v)):
+      kind = m[key].get("type", "auto")
+      if kind == "auto":
+        m[key].type = want
+      elif kind != want:
+        raise ValueError(f"config.model.{key}.type={kind!r} does not fit the {geometry.kind!r} dataset "
+                         f"(expected {want!r})")
+    m.audio_target_dim = geometry.audio_dim
+    m.visual_target_dim = geometry.target_size ** 2 if raw else geometry.visual_dim
+    m.audio_frontend.dim = geometry.audio_dim
+    m.visual_frontend.dim = geometry.visual_dim if not raw else 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, optimizer and the sharded train state.
+
+
+def build_model(config) -> nn.Module:
+  if config.mode == "pretrain":
+    return avt.PretrainModel(config.model)
+  return avt.FinetuneModel(config.model, task=config.task)
+
+
+def _target_indices(config) -> list[int]:
+  return list(config.get("loss", {}).get("target_indices", [0, 1]))
+
+
+def create_state(config, model, dummy_batch, mesh, rules):
+  """Returns (abstract state with shardings, jitted init function, optimizer, schedule)."""
+  rng = jax.random.key(config.seed)
+
+  def init_variables(key):
+    k_params, k_drop = jax.random.split(key)
+    return model.init({"params": k_params, "dropout": k_drop}, dummy_batch, deterministic=True)
+
+  boxed = jax.eval_shape(init_variables, rng)["params"]
+  param_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract_params = sharding.strip_boxes(boxed)
+  tx, schedule = optim.make_optimizer(config.optimizer, abstract_params)
+
+  def init_state(key):
+    params = nn.meta.unbox(init_variables(key)["params"])
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract_state = jax.eval_shape(init_state, rng)
+  repl = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
+      transform_non_params=lambda _: repl)
+  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_state, state_shardings)
+  init_fn = jax.jit(init_state, out_shardings=state_shardings)
+  return abstract_state, state_shardings, (lambda: init_fn(rng)), tx, schedule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_loss_fn(config, model) -> Callable:
+  """loss_fn(params, batch, rng, train) -> (loss, aux dict of scalars / arrays)."""
+  mcfg = config.get("masking", ml_collections.ConfigDict(dict(ratio=0.05, span=3, probs=(0.8, 0.1, 0.1))))
+
+  def loss_fn(params, batch, rng, train: bool):
+    mask_rng, drop_rng = jax.random.split(rng)
+    rngs = {"dropout": drop_rng} if train else {}
+    if config.mode == "pretrain":
+      masked, plan = masking.mask_batch(mask_rng, batch, ratio=mcfg.ratio, span=mcfg.span, probs=tuple(mcfg.probs))
+      out = model.apply({"params": params}, masked, deterministic=not train, rngs=rngs)
+      loss, aux = masking.pretrain_loss(out, batch, plan)
+      return loss, aux
+    out = model.apply({"params": params}, batch, deterministic=not train, rngs=rngs)["output"]
+    if config.task == "classification":
+      loss, n = losses.classification_loss(out, batch["label"], batch["weight"])
+      return loss, {"output": out, "count": n}
+    targets = batch["targets"][:, jnp.asarray(_target_indices(config))]
+    kind = config.get("loss", {}).get("regression", "mse")
+    fn = {"mse": losses.mse_loss, "ccc": losses.ccc_loss}.get(kind)
+    if fn is None:
+      raise ValueError(f"config.loss.regression={kind!r}; expected 'mse' or 'ccc'")
+    loss, n = fn(out, targets, batch["weight"])
+    return loss, {"output": out, "count": n}
+
+  return loss_fn
+
+
+def make_train_step(config, model, tx, schedule):
+  loss_fn = make_loss_fn(config, model)
+
+  def train_step(state, batch, base_rng):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng, True)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    out = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"])}
+    out.update({k: v for k, v in aux.items() if k in ("l1_audio", "l1_visual")})
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, out
+
+  return train_step
+
+
+def make_eval_step(config, model):
+  """eval_step(params, batch, rng) -> sufficient statistics of this batch (summed over the global batch)."""
+  loss_fn = make_loss_fn(config, model)
+  if config.mode == "pretrain":
+    def eval_step(params, batch, rng):
+      loss, aux = loss_fn(params, batch, rng, False)
+      n = aux["masked_frames"]
+      return {"l1_audio": aux["l1_audio"] * n, "l1_visual": aux["l1_visual"] * n, "masked_frames": n}
+    return eval_step
+
+  def eval_step(params, batch, rng):
+    loss, aux = loss_fn(params, batch, rng, False)
+    out, n = aux["output"], aux["count"]
+    stats = {"loss_sum": loss * n, "count": n}
+    if config.task == "classification":
+      stats["metrics"] = metrics.confusion_metrics(config.model.num_classes).single_from_model_output(
+          logits=out, labels=batch["label"], weight=batch["weight"])
+    else:
+      stats["metrics"] = metrics.CCC.for_targets(tuple(config.loss.target_names)).from_model_output(
+          predictions=out, targets=batch["targets"][:, jnp.asarray(_target_indices(config))],
+          weight=batch["weight"])
+    return stats
+  return eval_step
+
+
+def _merge_stats(acc, new):
+  if acc is None:
+    return new
+  out = {}
+  for k, v in new.items():
+    out[k] = acc[k].merge(v) if hasattr(v, "merge") else acc[k] + v
+  return out
+
+
+def finish_eval(config, stats) -> dict[str, float]:
+  if stats is None:
+    return {}
+  if config.mode == "pretrain":
+    n = max(float(stats["masked_frames"]), 1.0)
+    la, lv = float(stats["l1_audio"]) / n, float(stats["l1_visual"]) / n
+    return {"masked_l1": la + lv, "l1_audio": la, "l1_visual": lv, "masked_frames": float(stats["masked_frames"])}
+  out = {"loss": float(stats["loss_sum"]) / max(float(stats["count"]), 1.0), "clips": float(stats["count"])}
+  if config.task == "classification":
+    out.update({k: float(v) for k, v in stats["metrics"].compute().items()})
+  else:
+    out.update({k: float(v) for k, v in stats["metrics"].compute_named().items()})
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric writing: CLU writers (TensorBoard + log) and <workdir>/metrics.jsonl.
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Writes one JSON object per (step, split): {"step": .., "split": .., name: value, ...}.
+
+  Scalar names are "<split>/<name>"; names without a split go to split "train".
+  """
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    by_split: dict[str, dict[str, float]] = {}
+    for name, value in scalars.items():
+      split, _, key = name.rpartition("/")
+      by_split.setdefault(split or "train", {})[key] = float(np.asarray(value))
+    with self._path.open("a") as f:
+      for split, vals in by_split.items():
+        f.write(json.dumps({"step": int(step), "split": split, **vals}) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+  if jax.process_index() > 0:
+    return metric_writers.LoggingWriter()
+  return metric_writers.MultiWriter([metric_writers.create_default_writer(workdir, asynchronous=False),
+                                     JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM sets a flag; the loop saves and exits at the next step boundary.
+
+
+class StopSignal:
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = {}
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("received signal %d: saving a checkpoint at the next step boundary, then exiting", signum)
+    self.event.set()
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _finite(x) -> bool:
+  return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def evaluate(config, eval_fn, params, mesh, geometry, max_batches: int | None = None) -> dict[str, float]:
+  spec = config.data.get("eval") or config.data.train
+  ds = input_pipeline.make_dataset(
+      spec, split="eval", global_batch_size=config.get("eval_batch_size", config.batch_size), seed=config.seed,
+      max_tokens=config.data.max_tokens, worker_count=0)
+  rng = jax.random.key(config.seed + 1)
+  stats = None
+  for i, local in enumerate(ds):
+    if max_batches and i >= max_batches:
+      break
+    batch = sharding.global_batch(local, mesh)
+    stats = _merge_stats(stats, jax.device_get(eval_fn(params, batch, jax.random.fold_in(rng, i))))
+  return finish_eval(config, stats)
+
+
+def setup_compilation_cache(config, workdir: str) -> None:
+  cache = config.get("compilation_cache_dir", "") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "avt_jax", "xla")
+  if cache.lower() == "none":
+    return
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  del workdir
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs config.mode in workdir; returns the final metrics. Resumes from workdir's latest checkpoint."""
+  validate_config(config)
+  config = ml_collections.ConfigDict(config.to_dict())  # A private, unlocked copy.
+  setup_compilation_cache(config, workdir)
+  wd = epath.Path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+
+  # --- Mesh.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.mesh.get("rules"))
+  logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+
+  # --- Input.
+  _, geometry = input_pipeline.open_sources(config.data.train)
+  fill_model_config(config, geometry)
+  if jax.process_index() == 0:
+    (wd / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+  dummy = input_pipeline.dummy_batch(geometry, config.batch_size, config.data.max_tokens)
+  dummy = {k: jnp.asarray(v) for k, v in dummy.items()}
+
+  # --- Model, optimizer, sharded state.
+  model = build_model(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_state, state_shardings, init_fn, tx, schedule = create_state(config, model, dummy, mesh, rules)
+  table, n_params = summary.param_table(abstract_state["params"])
+  logging.info("parameters (%d):\n%s", n_params, table)
+
+  # --- Steps.
+  repl = sharding.replicated(mesh)
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in dummy}
+  train_step = jax.jit(make_train_step(config, model, tx, schedule),
+                       in_shardings=(state_shardings, batch_shardings, repl),
+                       out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(config, model), in_shardings=(state_shardings["params"], batch_shardings, repl),
+                      out_shardings=repl)
+
+  def eval_fn(params, batch, rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return eval_step(params, batch, rng)
+
+  # --- Restore: own checkpoint (resume) > init_from (fine-tuning) > fresh init.
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  train_ds = input_pipeline.make_dataset(
+      config.data.train, split="train", global_batch_size=config.batch_size, seed=config.seed,
+      max_tokens=config.data.max_tokens, worker_count=config.data.get("worker_count", 0))
+  train_iter = iter(train_ds)
+  latest = manager.latest_step()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if latest is not None:
+      logging.info("resuming from %s at step %d", manager.directory, latest)
+      state = checkpointing.restore(manager, latest, abstract_state, train_iter)
+    else:
+      state = init_fn()
+      if config.init_from:
+        logging.info("initialising the encoder from %s", config.init_from)
+        enc = checkpointing.restore_encoder(config.init_from, abstract_state["params"]["encoder"])
+        params = dict(state["params"], encoder=enc)
+        state = dict(state, params=jax.device_put(params, state_shardings["params"]))
+
+  writer = make_writer(workdir)
+  start = int(jax.device_get(state["step"]))
+  if config.mode == "eval":
+    result = {f"eval/{k}": v for k, v in evaluate(config, eval_fn, state["params"], mesh, geometry).items()}
+    writer.write_scalars(start, result)
+    writer.flush()
+    manager.close()
+    return result
+
+  # --- Compile once, ahead of time: FLOPs for throughput / MFU.
+  base_rng = jax.random.key(config.seed + 2)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in dummy.items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    t0 = time.time()
+    compiled = train_step.lower(abstract_state, abstract_batch, base_rng).compile()
+    compile_s = time.time() - t0
+  flops_per_step = summary.compiled_flops(compiled)
+  peak = summary.peak_flops(config.get("peak_flops", 0.0))
+  logging.info("train step compiled in %.1fs; %.3g FLOP/step (%.3g per clip)", compile_s, flops_per_step,
+               flops_per_step / config.batch_size)
+
+  stop = StopSignal().install()
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  step = start
+  out = None
+  t_log, steps_since = time.time(), 0
+  result: dict[str, Any] = {}
+  try:
+    while step < config.total_steps:
+      if stop.event.is_set() or manager.reached_preemption(step):
+        logging.warning("stopping at step %d on request; saving", step)
+        if step > start and _finite(jax.device_get(out["loss"])):
+          checkpointing.save(manager, step, state, train_iter, force=True)
+        manager.wait_until_finished()
+        result["preempted_at"] = step
+        return result
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, out = compiled(state, batch, base_rng)
+      step += 1
+      steps_since += 1
+      report(step)
+      is_last = step == config.total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        out = jax.device_get(out)
+        if not _finite(out["loss"]):
+          raise TrainingError(f"loss is {out['loss']} at step {step}; stopping. The last good checkpoint "
+                              f"(step {manager.latest_step()}) is kept in {manager.directory}")
+        dt = time.time() - t_log
+        clips_s = steps_since * config.batch_size / max(dt, 1e-9)
+        scalars = {f"train/{k}": v for k, v in out.items()}
+        scalars["train/clips_per_second"] = clips_s
+        if peak:
+          scalars["train/mfu"] = flops_per_step * steps_since / max(dt, 1e-9) / (peak * jax.device_count())
+        writer.write_scalars(step, scalars)
+        t_log, steps_since = time.time(), 0
+      do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+      if do_eval:
+        ev = evaluate(config, eval_fn, state["params"], mesh, geometry, config.get("eval_max_batches", 0))
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+        result.update({f"eval/{k}": v for k, v in ev.items()})
+      do_ckpt = is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      if do_ckpt:
+        loss = jax.device_get(out["loss"])
+        if not _finite(loss):
+          raise TrainingError(f"loss is {loss} at step {step}; not saving. The last good checkpoint "
+                              f"(step {manager.latest_step()}) is kept in {manager.directory}")
+        checkpointing.save(manager, step, state, train_iter, force=True)
+      if do_eval or do_ckpt:
+        t_log, steps_since = time.time(), 0  # Throughput counts training time only.
+      writer.flush()
+    result["step"] = step
+    if jax.process_index() == 0:
+      (wd / "final_metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+  finally:
+    stop.uninstall()
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
