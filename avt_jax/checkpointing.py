@@ -64,13 +64,18 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def resolve_state_dir(path: str) -> epath.Path:
-  """Finds the `state` item of the latest checkpoint under a run dir / checkpoints dir / step dir."""
+def resolve_state_dir(path: str, prefer_best: bool = False) -> epath.Path:
+  """Finds the `state` item of the latest checkpoint under a run dir / checkpoints dir / step dir.
+
+  With prefer_best, a run dir's `best/` (the checkpoint selected on validation) wins over `checkpoints/`.
+  """
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"init_from={path!r} does not exist")
   if (p / STATE).exists():
     return p / STATE
+  if prefer_best and (p / "best").exists():
+    p = p / "best"
   root = p / "checkpoints" if (p / "checkpoints").exists() else p
   steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / STATE).exists())
   if not steps:
@@ -82,39 +87,49 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(getattr(x, "shape", ()))
 
 
-def restore_encoder(path: str, abstract_encoder: Mapping[str, Any]) -> dict[str, Any]:
-  """Restores params/encoder of a checkpoint onto `abstract_encoder` (ShapeDtypeStructs with shardings).
+def restore_params(path: str, abstract: Mapping[str, Any], subtree: str | None = None,
+                   prefer_best: bool = False) -> dict[str, Any]:
+  """Restores `params` (or `params/<subtree>`) of a checkpoint onto `abstract` (ShapeDtypeStructs + shardings).
 
   Raises CheckpointMismatchError naming every missing, unexpected or mis-shaped parameter.
   """
-  state_dir = resolve_state_dir(path)
+  state_dir = resolve_state_dir(path, prefer_best)
   checkpointer = ocp.PyTreeCheckpointer()
   meta = checkpointer.metadata(state_dir)
   meta = getattr(meta, "item_metadata", meta)
   meta_tree = getattr(meta, "tree", meta)
-  if not isinstance(meta_tree, Mapping) or "params" not in meta_tree or "encoder" not in meta_tree["params"]:
-    raise CheckpointMismatchError(f"{state_dir}: no params/encoder in this checkpoint")
-  stored = _flat(meta_tree["params"]["encoder"])
-  wanted = _flat(abstract_encoder)
+  where = "params" + (f"/{subtree}" if subtree else "")
+  stored_tree = meta_tree.get("params") if isinstance(meta_tree, Mapping) else None
+  if subtree and isinstance(stored_tree, Mapping):
+    stored_tree = stored_tree.get(subtree)
+  if not isinstance(stored_tree, Mapping):
+    raise CheckpointMismatchError(f"{state_dir}: no {where} in this checkpoint")
+  stored = _flat(stored_tree)
+  wanted = _flat(abstract)
   missing = sorted(set(wanted) - set(stored))
   unexpected = sorted(set(stored) - set(wanted))
   misshaped = sorted(f"{k}: checkpoint {_shape(stored[k])} vs model {_shape(wanted[k])}"
                      for k in set(stored) & set(wanted) if _shape(stored[k]) != _shape(wanted[k]))
   if missing or unexpected or misshaped:
-    lines = [f"checkpoint {state_dir} does not fit the model's encoder:"]
+    lines = [f"checkpoint {state_dir} does not fit the model's {where}:"]
     if missing:
       lines.append(f"  missing in checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
     if unexpected:
       lines.append(f"  not in model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
     if misshaped:
       lines.append(f"  shape mismatch ({len(misshaped)}): " + "; ".join(misshaped[:20]))
-    lines.append("  (check model.size / width / layers and the frontend types against the pretraining config)")
+    lines.append("  (check model.size / width / layers and the frontend types against the checkpoint's config.json)")
     raise CheckpointMismatchError("\n".join(lines))
-  target = {"params": {"encoder": abstract_encoder}}
+  target = {"params": {subtree: abstract} if subtree else abstract}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   restored = checkpointer.restore(
       state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
-  return restored["params"]["encoder"]
+  return restored["params"][subtree] if subtree else restored["params"]
+
+
+def restore_encoder(path: str, abstract_encoder: Mapping[str, Any]) -> dict[str, Any]:
+  """Restores params/encoder of a checkpoint (the fine-tuning `init_from`)."""
+  return restore_params(path, abstract_encoder, subtree="encoder")
 
 
 def save_pretrained(directory: str, params: Mapping[str, Any], config: Mapping[str, Any], step: int = 0) -> str:

@@ -10,6 +10,8 @@ from avt_jax.models.avt import model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "sample", "prepared")
+# The synthetic audio-visual benchmark (written by `python -m data.synth`, see README).
+SYNTH = os.path.join(REPO, "sample", "avt_synth")
 CREMA_D_CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
 
 
@@ -28,6 +30,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 100    # 0 = only at the end
   c.keep_checkpoints = 3
   c.init_from = ""                  # pretrained run dir / checkpoint to take the encoder from
+  c.select_metric = ""              # validation metric selecting the checkpoint ('' = masked_l1 / accuracy / ccc_mean)
   c.compilation_cache_dir = ""      # '' = ~/.cache/avt_jax/xla, 'none' = off
   c.peak_flops = 0.0                # per device, for MFU; 0 = from the device kind table
 
@@ -40,7 +43,8 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train = SAMPLE             # prepared dir, 'tfds:<name>/<split>', a mapping or a list (mixture)
-  c.data.eval = SAMPLE
+  c.data.eval = SAMPLE              # validation split ('' = none)
+  c.data.test = ""                  # test split: evaluated once at the end, at the selected checkpoint
   c.data.max_tokens = 16            # T: clips are cropped / zero-padded to this many tokens (5 per second)
   c.data.worker_count = 0
 

@@ -226,8 +226,33 @@ def finish_eval(config, stats) -> dict[str, float]:
   if config.task == "classification":
     out.update({k: float(v) for k, v in stats["metrics"].compute().items()})
   else:
-    out.update({k: float(v) for k, v in stats["metrics"].compute_named().items()})
+    named = {k: float(v) for k, v in stats["metrics"].compute_named().items()}
+    out.update(named)
+    out["ccc_mean"] = float(np.mean(list(named.values())))
   return out
+
+
+def data_spec(config, split: str):
+  """The dataset spec of config.data.<split>, with config.data.<split>_filter (a mapping) applied to a path.
+
+  Paths stay plain strings in configs (so --config.data.train=<dir> works); filters such as
+  {"where": {"speaker": [...]}} or {"clip_ids": [...]} live in <split>_filter. A list (mixture) is used as is.
+  """
+  spec = config.data.get(split)
+  if not spec:
+    return None
+  flt = config.data.get(f"{split}_filter")
+  if isinstance(spec, str) and flt:
+    return {"path": spec, **(flt.to_dict() if hasattr(flt, "to_dict") else dict(flt))}
+  return spec.to_dict() if hasattr(spec, "to_dict") else spec
+
+
+def selection(config) -> tuple[str, str]:
+  """(validation metric that selects the checkpoint, 'max' or 'min')."""
+  default = {"pretrain": "masked_l1", "classification": "accuracy", "regression": "ccc_mean"}
+  metric = config.get("select_metric", "") or default["pretrain" if config.mode == "pretrain" else config.task]
+  mode = "min" if metric in ("masked_l1", "loss", "l1_audio", "l1_visual") else "max"
+  return metric, mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,6 +338,52 @@ class StopSignal:
       signal.signal(sig, handler)
 
 
+class BestCheckpoint:
+  """Keeps the parameters of the best validation result in <workdir>/best (with best.json)."""
+
+  def __init__(self, workdir: str, metric: str, mode: str):
+    self.metric, self.mode = metric, mode
+    self.dir = epath.Path(workdir) / "best"
+    self.record = self.dir / "best.json"
+    self.step, self.value, self.metrics = None, None, {}
+    if self.record.exists():
+      saved = json.loads(self.record.read_text())
+      self.step, self.value, self.metrics = saved["step"], saved["value"], saved["metrics"]
+
+  def _better(self, value: float) -> bool:
+    if not math.isfinite(value):
+      return False
+    if self.value is None:
+      return True
+    return value > self.value if self.mode == "max" else value < self.value
+
+  def update(self, step: int, metrics_: Mapping[str, float], params) -> bool:
+    if self.metric not in metrics_:
+      raise KeyError(f"select_metric {self.metric!r} is not among the validation metrics {sorted(metrics_)}")
+    value = float(metrics_[self.metric])
+    if not self._better(value):
+      return False
+    manager = checkpointing.make_manager(os.fspath(self.dir), keep=1, async_save=False, with_data_iter=False)
+    checkpointing.save(manager, step, {"step": jnp.asarray(step, jnp.int32), "params": params}, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    self.step, self.value, self.metrics = step, value, dict(metrics_)
+    if jax.process_index() == 0:
+      self.record.write_text(json.dumps({"step": step, "metric": self.metric, "mode": self.mode, "value": value,
+                                         "metrics": self.metrics}, indent=2))
+    return True
+
+  def restore(self, abstract_params):
+    return checkpointing.restore_params(os.fspath(self.dir), abstract_params)
+
+  def summary(self) -> dict[str, Any]:
+    if self.step is None:
+      return {}
+    out = {"best/step": self.step, f"best/{self.metric}": self.value}
+    out.update({f"best/validation/{k}": v for k, v in self.metrics.items()})
+    return out
+
+
 def _finite(x) -> bool:
   return bool(np.all(np.isfinite(np.asarray(x))))
 
@@ -321,8 +392,8 @@ def _finite(x) -> bool:
 # The run.
 
 
-def evaluate(config, eval_fn, params, mesh, geometry, max_batches: int | None = None) -> dict[str, float]:
-  spec = config.data.get("eval") or config.data.train
+def evaluate(config, eval_fn, params, mesh, spec, max_batches: int | None = None) -> dict[str, float]:
+  """One pass over the eval dataset `spec`; exact metrics from summed sufficient statistics."""
   ds = input_pipeline.make_dataset(
       spec, split="eval", global_batch_size=config.get("eval_batch_size", config.batch_size), seed=config.seed,
       max_tokens=config.data.max_tokens, worker_count=0)
@@ -360,7 +431,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
   # --- Input.
-  _, geometry = input_pipeline.open_sources(config.data.train)
+  _, geometry = input_pipeline.open_sources(data_spec(config, "train"))
   fill_model_config(config, geometry)
   if jax.process_index() == 0:
     (wd / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
@@ -390,7 +461,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # --- Restore: own checkpoint (resume) > init_from (fine-tuning) > fresh init.
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
   train_ds = input_pipeline.make_dataset(
-      config.data.train, split="train", global_batch_size=config.batch_size, seed=config.seed,
+      data_spec(config, "train"), split="train", global_batch_size=config.batch_size, seed=config.seed,
       max_tokens=config.data.max_tokens, worker_count=config.data.get("worker_count", 0))
   train_iter = iter(train_ds)
   latest = manager.latest_step()
@@ -400,7 +471,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state = checkpointing.restore(manager, latest, abstract_state, train_iter)
     else:
       state = init_fn()
-      if config.init_from:
+      if config.mode == "eval":
+        logging.info("evaluating %s", config.init_from)
+        params = checkpointing.restore_params(config.init_from, abstract_state["params"], prefer_best=True)
+        state = dict(state, params=params)
+      elif config.init_from:
         logging.info("initialising the encoder from %s", config.init_from)
         enc = checkpointing.restore_encoder(config.init_from, abstract_state["params"]["encoder"])
         params = dict(state["params"], encoder=enc)
@@ -409,8 +484,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = make_writer(workdir)
   start = int(jax.device_get(state["step"]))
   if config.mode == "eval":
-    result = {f"eval/{k}": v for k, v in evaluate(config, eval_fn, state["params"], mesh, geometry).items()}
-    writer.write_scalars(start, result)
+    result = {}
+    for split in ("eval", "test"):
+      spec = data_spec(config, split)
+      if spec:
+        ev = evaluate(config, eval_fn, state["params"], mesh, spec)
+        writer.write_scalars(start, {f"{split}/{k}": v for k, v in ev.items()})
+        result.update({f"{split}/{k}": v for k, v in ev.items()})
     writer.flush()
     manager.close()
     return result
@@ -432,6 +512,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                            every_steps=config.log_every_steps)
   step = start
   out = None
+  eval_spec = data_spec(config, "eval")
+  best = BestCheckpoint(workdir, *selection(config))
   t_log, steps_since = time.time(), 0
   result: dict[str, Any] = {}
   try:
@@ -463,10 +545,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.write_scalars(step, scalars)
         t_log, steps_since = time.time(), 0
       do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-      if do_eval:
-        ev = evaluate(config, eval_fn, state["params"], mesh, geometry, config.get("eval_max_batches", 0))
+      if do_eval and eval_spec:
+        ev = evaluate(config, eval_fn, state["params"], mesh, eval_spec, config.get("eval_max_batches", 0))
         writer.write_scalars(step, {f"eval/{k}": v for k, v in ev.items()})
         result.update({f"eval/{k}": v for k, v in ev.items()})
+        best.update(step, ev, state["params"])
       do_ckpt = is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if do_ckpt:
         loss = jax.device_get(out["loss"])
@@ -478,6 +561,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         t_log, steps_since = time.time(), 0  # Throughput counts training time only.
       writer.flush()
     result["step"] = step
+    result.update(best.summary())
+    test_spec = data_spec(config, "test")
+    if test_spec:
+      # Test metrics are computed once, at the checkpoint selected on the validation split.
+      params = best.restore(abstract_state["params"]) if best.step is not None else state["params"]
+      ev = evaluate(config, eval_fn, params, mesh, test_spec)
+      writer.write_scalars(step, {f"test/{k}": v for k, v in ev.items()})
+      result.update({f"test/{k}": v for k, v in ev.items()})
     if jax.process_index() == 0:
       (wd / "final_metrics.json").write_text(json.dumps(result, indent=2))
     return result

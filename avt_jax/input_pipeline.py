@@ -1,0 +1,732 @@
+"""Grain input pipeline: prepared clip records -> fixed-shape numpy batches.
+
+The record and batch formats are described in docs/data_format.md. The pipeline is built from the Grain Dataset
+API so that its iterator can be checkpointed (`get_state` / `set_state`, or `grain.checkpoint.CheckpointSave`
+inside an Orbax `CheckpointManager`):
+
+  train: source(s) -> shuffle per epoch -> repeat -> [mix] -> random crop + targets -> process slice -> batch
+         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform]
+  eval:  source(s) -> [concatenate] -> process slice -> crop from 0 + targets -> pad with weight-0 clips -> batch
+         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform]
+
+Batching happens on the random-access (MapDataset) side, so a batch's content depends only on the seed, the
+process index/count and the batch size, never on the number of prefetch workers.
+
+A dataset spec names one or more sources. Accepted forms (see `parse_spec`):
+  "/path/to/prepared"                      a directory written by `python -m data.prepare`
+  "tfds:<name>/<split>"                    a TFDS dataset (then `data_dir` is given in the mapping form)
+  {"path": ..., "weight": 1.0, "split": "train", "clip_ids": [...], "exclude_clip_ids": [...],
+   "where": {"speaker": [...]}, "where_not": {...}, "predicate": callable, "data_dir": ..., "info_dir": ...}
+  a list of the above (a mixture for training, a concatenation for evaluation)
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import flags
+from array_record.python import array_record_module
+from flax import serialization
+import grain
+import msgpack
+import numpy as np
+
+from avt_jax import records
+
+MANIFEST = "manifest.jsonl"
+TFDS_PREFIX = "tfds:"
+BATCH_KEYS = ("audio", "visual", "mask", "audio_target", "visual_target", "label", "targets", "weight")
+# ITU-R BT.601 luma weights for R, G, B.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+# Record fields read by the metadata pass (all small; the media arrays are skipped).
+_META_FIELDS = ("clip_id", "dataset", "speaker", "session", "label", "num_tokens")
+_STD_FLOOR = 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset geometry and per-record checks.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Shapes of one clip on the token grid, read from dataset_info.json."""
+  kind: str  # "raw" or "features"
+  audio_frames: int  # Ka (1 for features)
+  audio_dim: int  # Fa (n_mels) or Da
+  visual_frames: int  # Kv (1 for features)
+  visual_dim: int  # Dv for features, 0 for raw
+  visual_size: int  # S for raw, 0 for features
+  target_size: int  # g for raw, 0 for features
+
+  @classmethod
+  def from_info(cls, info: Mapping[str, Any], where: str = "dataset_info.json") -> "Geometry":
+    try:
+      kind = info["kind"]
+      a, v = info["audio"], info["visual"]
+      if kind == "raw":
+        return cls(kind, int(a["frames_per_token"]), int(a["dim"]), int(v["frames_per_token"]), 0,
+                   int(v["size"]), int(v["target_size"]))
+      if kind == "features":
+        return cls(kind, 1, int(a["dim"]), 1, int(v["dim"]), 0, 0)
+    except (KeyError, TypeError) as e:
+      raise records.RecordError(f"{where}: missing or malformed field {e} (see docs/data_format.md)") from e
+    raise records.RecordError(f"{where}: kind is {kind!r}, expected 'raw' or 'features'")
+
+  def check(self, ex: Mapping[str, Any], where: str) -> None:
+    """Raises RecordError naming `where` and the field if `ex` does not fit this geometry."""
+    t = int(np.asarray(ex["num_tokens"]))
+    if t < 1:
+      raise records.RecordError(f"{where}: record {ex['clip_id']!r} has num_tokens={t}, expected >= 1")
+    if self.kind == "raw":
+      expect = {"audio": ((t * self.audio_frames, self.audio_dim), np.float32),
+                "visual": ((t * self.visual_frames, self.visual_size, self.visual_size, 3), np.uint8)}
+    else:
+      expect = {"audio": ((t, self.audio_dim), np.float32), "visual": ((t, self.visual_dim), np.float32)}
+    expect["targets"] = ((3,), np.float32)
+    for key, (shape, dtype) in expect.items():
+      arr = ex[key]
+      if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != dtype:
+        got = f"{arr.dtype}{list(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise records.RecordError(f"{where}: record {ex['clip_id']!r} field {key!r} is {got}, expected "
+                                  f"{np.dtype(dtype)}{list(shape)} ({self.kind} kind, num_tokens={t})")
+
+
+def check_compatible(infos: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Geometry:
+  """Returns the common geometry of several datasets; raises naming both datasets if they differ."""
+  geoms = [Geometry.from_info(i, f"{n}/{records.DATASET_INFO}") for i, n in zip(infos, names)]
+  for g, n in zip(geoms[1:], names[1:]):
+    if g != geoms[0]:
+      diff = [f"{f.name}: {getattr(geoms[0], f.name)} vs {getattr(g, f.name)}"
+              for f in dataclasses.fields(Geometry) if getattr(geoms[0], f.name) != getattr(g, f.name)]
+      raise ValueError(f"datasets {names[0]!r} and {n!r} cannot be mixed: {'; '.join(diff)}")
+  return geoms[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metadata (for filtering folds and splits without decoding media).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_manifest(directory: str) -> list[dict[str, Any]]:
+  """The rows of `directory`/manifest.jsonl ([] if there is none)."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise records.RecordError(f"{path}:{n}: not a JSON object ({e})") from e
+  return rows
+
+
+def _small_fields(data: bytes, where: str) -> dict[str, Any]:
+  """The small fields of an encoded record, skipping the media arrays without decoding them."""
+  row = {}
+  try:
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    for _ in range(unpacker.read_map_header()):
+      key = unpacker.unpack()
+      start = unpacker.tell()
+      unpacker.skip()
+      if key in _META_FIELDS:
+        row[key] = serialization.msgpack_restore(data[start:unpacker.tell()])
+  except Exception as e:  # msgpack raises several unrelated types on garbage.
+    raise records.RecordError(f"{where}: record is not a valid msgpack clip record ({type(e).__name__}: {e})") from e
+  missing = [k for k in _META_FIELDS if k not in row]
+  if missing:
+    raise records.RecordError(f"{where}: record {row.get('clip_id', '?')!r} lacks keys {missing}")
+  row["label"] = int(row["label"])
+  row["num_tokens"] = int(row["num_tokens"])
+  return row
+
+
+def _scan_shard(path: str) -> list[dict[str, Any]]:
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return [_small_fields(reader.read(), f"{path}[{i}]") for i in range(reader.num_records())]
+  finally:
+    reader.close()
+
+
+def _clip_id_at(path: str, position: int) -> str:
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return _small_fields(reader.read([position])[0], f"{path}[{position}]")["clip_id"]
+  finally:
+    reader.close()
+
+
+def read_metadata(directory: str, info: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+  """One dict per record of a prepared directory, in record order (shard by shard).
+
+  Each row has `shard` (path as listed in dataset_info.json), `position` (of the record in the shard) and
+  `clip_id`. `data.prepare` writes the `ok` clips of manifest.jsonl in manifest order, shard after shard: when
+  the manifest has exactly one `ok` row per record and the clip ids of the first and last record of every shard
+  agree with it, the rows are the manifest rows and no media is read. Otherwise the small record fields
+  (clip_id, dataset, speaker, session, label, num_tokens) are read from every record, skipping the media arrays
+  without decoding them, and merged with the clip's manifest row (record fields win).
+  """
+  info = info if info is not None else records.load_dataset_info(directory)
+  paths = records.shard_paths(directory, info)
+  names = list(info["shards"])
+  counts = [_num_records(p) for p in paths]
+  manifest = [r for r in read_manifest(directory) if r.get("status", "ok") == "ok"]
+
+  if len(manifest) == sum(counts) and all("clip_id" in r for r in manifest):
+    rows, ends_agree = [], True
+    for name, path, count in zip(names, paths, counts):
+      part = manifest[len(rows):len(rows) + count]
+      if count and not (_clip_id_at(path, 0) == part[0]["clip_id"] and
+                        _clip_id_at(path, count - 1) == part[-1]["clip_id"]):
+        ends_agree = False
+        break
+      rows.extend(dict(r, shard=name, position=i) for i, r in enumerate(part))
+    if ends_agree:
+      return rows
+
+  by_id = {r["clip_id"]: r for r in manifest if "clip_id" in r}
+  rows = []
+  for name, path in zip(names, paths):
+    for i, row in enumerate(_scan_shard(path)):
+      rows.append({**by_id.get(row["clip_id"], {}), **row, "shard": name, "position": i})
+  return rows
+
+
+def _num_records(path: str) -> int:
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return reader.num_records()
+  finally:
+    reader.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordFilter:
+  """Which records of a source to keep; all given conditions must hold.
+
+  clip_ids / exclude_clip_ids: lists of clip ids; where / where_not: {field: allowed / excluded values} on the
+  metadata rows of `read_metadata` (values compared as strings, so {"speaker": [1001]} matches "1001");
+  predicate: callable(row) -> bool. `split` names a list of clip ids in dataset_info.json "splits".
+  """
+  clip_ids: Sequence[str] | None = None
+  exclude_clip_ids: Sequence[str] | None = None
+  where: Mapping[str, Sequence[Any]] | None = None
+  where_not: Mapping[str, Sequence[Any]] | None = None
+  predicate: Callable[[Mapping[str, Any]], bool] | None = None
+  split: str | None = None
+
+  def active(self) -> bool:
+    return any(v is not None for v in dataclasses.astuple(self))
+
+  def keep(self, rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], name: str) -> np.ndarray:
+    """Indices (into `rows`) of the kept records."""
+    ids = None if self.clip_ids is None else {str(c) for c in self.clip_ids}
+    if self.split is not None:
+      splits = info.get("splits") or {}
+      if self.split not in splits:
+        raise KeyError(f"{name}: split {self.split!r} not in dataset_info.json splits {sorted(splits)}")
+      split_ids = {str(c) for c in splits[self.split]}
+      ids = split_ids if ids is None else ids & split_ids
+    drop = {str(c) for c in self.exclude_clip_ids or ()}
+    where = {k: {str(v) for v in vs} for k, vs in (self.where or {}).items()}
+    where_not = {k: {str(v) for v in vs} for k, vs in (self.where_not or {}).items()}
+    for k in list(where) + list(where_not):
+      if rows and k not in rows[0]:
+        raise KeyError(f"{name}: filter field {k!r} is not in the record metadata {sorted(rows[0])}")
+    kept = []
+    for i, r in enumerate(rows):
+      cid = str(r["clip_id"])
+      if ids is not None and cid not in ids or cid in drop:
+        continue
+      if any(str(r.get(k)) not in vs for k, vs in where.items()):
+        continue
+      if any(str(r.get(k)) in vs for k, vs in where_not.items()):
+        continue
+      if self.predicate is not None and not self.predicate(r):
+        continue
+      kept.append(i)
+    return np.asarray(kept, np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data sources.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ClipSource:
+  """Random access to the (optionally filtered) decoded clip records of one prepared directory.
+
+  `source[i]` returns the record dict of docs/data_format.md; errors name the shard file and the position of
+  the record in it. Filters are applied once, at construction (see `RecordFilter`); only the kept record
+  indices are stored, so the source pickles cheaply for prefetch workers.
+  """
+
+  def __init__(self, directory: str, record_filter: RecordFilter | None = None, *, check: bool = True):
+    self.name = directory
+    self.info = records.load_dataset_info(directory)
+    self.geometry = Geometry.from_info(self.info, os.path.join(directory, records.DATASET_INFO))
+    self.paths = records.shard_paths(directory, self.info)
+    counts = [_num_records(p) for p in self.paths]
+    if "num_clips" in self.info and int(self.info["num_clips"]) != sum(counts):
+      raise records.RecordError(f"{directory}: dataset_info.json says num_clips={self.info['num_clips']} but the "
+                                f"shards hold {sum(counts)} records ({dict(zip(self.info['shards'], counts))})")
+    self._ends = list(np.cumsum(counts))
+    self._reader = grain.sources.ArrayRecordDataSource(self.paths)
+    self._check = check
+    self._keep = None
+    self.metadata_rows = None
+    if record_filter is not None and record_filter.active():
+      rows = read_metadata(directory, self.info)
+      self._keep = record_filter.keep(rows, self.info, directory)
+      self.metadata_rows = [rows[i] for i in self._keep]
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if self._keep is None else len(self._keep)
+
+  def locate(self, index: int) -> tuple[str, int]:
+    """(shard path, position in shard) of the record at `index` of this source."""
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+    g = int(index if self._keep is None else self._keep[index])
+    k = bisect.bisect_right(self._ends, g)
+    return self.paths[k], g - (int(self._ends[k - 1]) if k else 0)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    path, pos = self.locate(index)
+    where = f"{path}[{pos}]"
+    g = int(index if self._keep is None else self._keep[index])
+    try:
+      data = self._reader[g]
+    except Exception as e:
+      raise records.RecordError(f"{where}: cannot read record ({type(e).__name__}: {e})") from e
+    ex = records.decode(data, where)
+    if self._check:
+      self.geometry.check(ex, where)
+    return ex
+
+  def __repr__(self) -> str:
+    return f"ClipSource({self.name!r}, {len(self)} clips)"
+
+
+def _as_str(x: Any) -> str:
+  if isinstance(x, np.ndarray):
+    x = x.item()
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class TfdsClipSource:
+  """Adapter over `tfds.data_source(name, split=..., data_dir=...)` giving the same records as `ClipSource`.
+
+  The TFDS features must carry the record keys of docs/data_format.md. The dataset_info dict comes from the
+  builder metadata (`metadata["dataset_info"]`, dict or JSON string) or from `info_dir`/dataset_info.json.
+  Filtering decodes every example once at construction (TFDS sources have no cheap metadata pass).
+  """
+
+  def __init__(self, spec: str, data_dir: str | None, record_filter: RecordFilter | None = None, *,
+               info_dir: str | None = None, check: bool = True):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only when used)
+    name, sep, split = spec[len(TFDS_PREFIX):].rpartition("/")
+    if not sep or not name or not split:
+      raise ValueError(f"dataset spec {spec!r}: expected 'tfds:<name>/<split>'")
+    self.name = spec
+    self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    self.info = self._find_info(info_dir)
+    self.geometry = Geometry.from_info(self.info, f"{spec} dataset_info")
+    self._check = check
+    self._keep = None
+    self.metadata_rows = None
+    if record_filter is not None and record_filter.active():
+      rows = []
+      for i in range(len(self._ds)):
+        ex = self._convert(self._ds[i], i)
+        rows.append({k: ex[k] for k in _META_FIELDS})
+      self._keep = record_filter.keep(rows, self.info, spec)
+      self.metadata_rows = [rows[i] for i in self._keep]
+
+  def _find_info(self, info_dir: str | None) -> dict[str, Any]:
+    if info_dir is not None:
+      return records.load_dataset_info(info_dir)
+    meta = getattr(self._ds.dataset_info, "metadata", None) or {}
+    info = meta.get("dataset_info") if hasattr(meta, "get") else None
+    if isinstance(info, str):
+      info = json.loads(info)
+    if not isinstance(info, Mapping):
+      raise ValueError(f"{self.name}: the builder metadata has no 'dataset_info'; give 'info_dir' in the spec "
+                       "(a directory holding dataset_info.json)")
+    return dict(info)
+
+  def _convert(self, raw: Mapping[str, Any], index: int) -> dict[str, Any]:
+    where = f"{self.name}[{index}]"
+    missing = [k for k in records.REQUIRED_KEYS if k not in raw]
+    if missing:
+      raise records.RecordError(f"{where}: example lacks keys {missing}")
+    ex = dict(raw)
+    for k in ("clip_id", "dataset", "speaker", "session"):
+      ex[k] = _as_str(ex[k])
+    ex["label"] = np.int32(ex["label"])
+    ex["num_tokens"] = np.int32(ex["num_tokens"])
+    for k in ("targets", "audio"):
+      ex[k] = np.asarray(ex[k])
+    ex["visual"] = np.asarray(ex["visual"])
+    return ex
+
+  def __len__(self) -> int:
+    return len(self._ds) if self._keep is None else len(self._keep)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+    g = int(index if self._keep is None else self._keep[index])
+    try:
+      raw = self._ds[g]
+    except Exception as e:
+      raise records.RecordError(f"{self.name}[{g}]: cannot read example ({type(e).__name__}: {e})") from e
+    ex = self._convert(raw, g)
+    if self._check:
+      self.geometry.check(ex, f"{self.name}[{g}]")
+    return ex
+
+  def __repr__(self) -> str:
+    return f"TfdsClipSource({self.name!r}, {len(self)} clips)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset specs.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One entry of a dataset spec: where the clips are, which of them to keep, and the mixture weight."""
+  path: str
+  weight: float = 1.0
+  data_dir: str | None = None  # TFDS data_dir for "tfds:<name>/<split>"
+  info_dir: str | None = None  # TFDS only: directory with dataset_info.json if the builder metadata lacks it
+  filter: RecordFilter = RecordFilter()
+
+  def open(self, check: bool = True) -> ClipSource | TfdsClipSource:
+    if self.path.startswith(TFDS_PREFIX):
+      return TfdsClipSource(self.path, self.data_dir, self.filter, info_dir=self.info_dir, check=check)
+    return ClipSource(self.path, self.filter, check=check)
+
+
+_SPEC_KEYS = {"path", "weight", "data_dir", "info_dir"}
+_FILTER_KEYS = {f.name for f in dataclasses.fields(RecordFilter)}
+
+
+def parse_spec(spec: Any) -> list[SourceSpec]:
+  """Normalises a dataset spec (string, mapping, SourceSpec, ConfigDict, or a list of those) to SourceSpecs."""
+  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict
+    spec = spec.to_dict()
+  if isinstance(spec, (str, os.PathLike)):
+    return [SourceSpec(os.fspath(spec))]
+  if isinstance(spec, SourceSpec):
+    return [spec]
+  if isinstance(spec, Mapping):
+    unknown = set(spec) - _SPEC_KEYS - _FILTER_KEYS
+    if "path" not in spec or unknown:
+      raise ValueError(f"dataset spec {dict(spec)!r}: needs 'path'; unknown keys {sorted(unknown)}; allowed "
+                       f"{sorted(_SPEC_KEYS | _FILTER_KEYS)}")
+    flt = RecordFilter(**{k: spec[k] for k in _FILTER_KEYS if k in spec})
+    return [SourceSpec(os.fspath(spec["path"]), float(spec.get("weight", 1.0)), spec.get("data_dir"),
+                       spec.get("info_dir"), flt)]
+  if isinstance(spec, Sequence) and spec:
+    return [s for item in spec for s in parse_spec(item)]
+  raise ValueError(f"dataset spec {spec!r}: expected a path, 'tfds:<name>/<split>', a mapping or a list of them")
+
+
+def open_sources(spec: Any, check: bool = True) -> tuple[list[ClipSource | TfdsClipSource], Geometry]:
+  """Opens every source of a spec and checks they can be mixed. Returns (sources, common geometry)."""
+  sources = [s.open(check) for s in parse_spec(spec)]
+  geometry = check_compatible([s.info for s in sources], [s.name for s in sources])
+  return sources, geometry
+
+
+def spec_info(spec: Any) -> dict[str, Any]:
+  """The dataset_info of the (first) source of a spec, after checking that all sources are compatible."""
+  sources, _ = open_sources(spec)
+  return sources[0].info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-record transform.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def area_matrix(src: int, dst: int) -> np.ndarray:
+  """[dst, src] weights of area-averaging resampling from `src` to `dst` pixels (rows sum to 1)."""
+  edges = np.arange(dst + 1, dtype=np.float64) * src / dst
+  lo, hi = edges[:-1, None], edges[1:, None]
+  pix = np.arange(src, dtype=np.float64)[None, :]
+  overlap = np.clip(np.minimum(hi, pix + 1) - np.maximum(lo, pix), 0, None)
+  return (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def face_target(frames: np.ndarray, target_size: int) -> np.ndarray:
+  """Unnormalised face target of token windows: [..., Kv, S, S, 3] uint8 -> [..., g*g] float32.
+
+  Grayscale (BT.601 luma of RGB scaled to [0, 1]), area-averaged to g x g, mean over the Kv frames. The
+  dataset's `target_mean` / `target_std` are statistics of this quantity.
+  """
+  s, kv = frames.shape[-2], frames.shape[-4]
+  # All three steps are linear: sum the frames first (exact in integers), then luma, then area averaging.
+  summed = frames.sum(axis=-4, dtype=np.uint32).astype(np.float32)
+  gray = summed @ (LUMA_WEIGHTS / (255.0 * kv))
+  a = area_matrix(s, target_size)
+  small = a @ gray @ a.T
+  return small.reshape(*small.shape[:-2], target_size * target_size).astype(np.float32)
+
+
+def zero_example(geometry: Geometry, max_tokens: int) -> dict[str, np.ndarray]:
+  """A padding clip: zeros everywhere, mask False, label -1, targets NaN (unknown), weight 0."""
+  t = max_tokens
+  if geometry.kind == "raw":
+    s, g = geometry.visual_size, geometry.target_size
+    audio = np.zeros((t, geometry.audio_frames, geometry.audio_dim), np.float32)
+    visual = np.zeros((t, geometry.visual_frames, s, s, 3), np.uint8)
+    audio_target = np.zeros((t, geometry.audio_dim), np.float32)
+    visual_target = np.zeros((t, g * g), np.float32)
+  else:
+    audio = np.zeros((t, geometry.audio_dim), np.float32)
+    visual = np.zeros((t, geometry.visual_dim), np.float32)
+    audio_target, visual_target = audio.copy(), visual.copy()
+  return {"audio": audio, "visual": visual, "mask": np.zeros((t,), bool), "audio_target": audio_target,
+          "visual_target": visual_target, "label": np.int32(-1), "targets": np.full((3,), np.nan, np.float32),
+          "weight": np.float32(0.0)}
+
+
+def dummy_batch(geometry: Geometry, batch_size: int, max_tokens: int) -> dict[str, np.ndarray]:
+  """A batch of padding clips with the exact shapes and dtypes the pipeline produces (for model init)."""
+  ex = zero_example(geometry, max_tokens)
+  return {k: np.stack([v] * batch_size) for k, v in ex.items()}
+
+
+class ClipTransform:
+  """Record dict -> model example (crop/pad to `max_tokens`, normalise, targets, mask, zero padding).
+
+  Called as `transform(record, rng)`: with `train=True` the crop start is drawn from `rng` and the
+  augmentations run; with `train=False` (or rng None) the crop starts at token 0. Augmentations are picklable
+  callables `aug(example, rng) -> example` that see the cropped, padded example (keys audio, visual, mask,
+  label, targets; audio already normalised) before the targets are computed, and must keep shapes and dtypes.
+  """
+
+  def __init__(self, info: Mapping[str, Any], max_tokens: int, *, train: bool,
+               augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = ()):
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    self.geometry = Geometry.from_info(info)
+    self.max_tokens = int(max_tokens)
+    self.train = train
+    self.augmentations = tuple(augmentations)
+    self._audio_mean, self._audio_std = self._stats(info["audio"], "mean", "std", self.geometry.audio_dim)
+    if self.geometry.kind == "raw":
+      if "mean" not in info["audio"] or "target_mean" not in info["visual"]:
+        raise records.RecordError("dataset_info.json (raw kind): audio mean/std and visual target_mean/"
+                                  "target_std are required")
+      self._target_mean = np.float32(info["visual"]["target_mean"])
+      self._target_std = np.float32(max(float(info["visual"]["target_std"]), _STD_FLOOR))
+    else:
+      self._visual_mean, self._visual_std = self._stats(info["visual"], "mean", "std", self.geometry.visual_dim)
+
+  @staticmethod
+  def _stats(mod: Mapping[str, Any], mkey: str, skey: str, dim: int):
+    """Per-dimension mean/std (identity if the modality has none)."""
+    if mkey not in mod:
+      return np.zeros((dim,), np.float32), np.ones((dim,), np.float32)
+    mean, std = np.asarray(mod[mkey], np.float32), np.asarray(mod[skey], np.float32)
+    if mean.shape != (dim,) or std.shape != (dim,):
+      raise records.RecordError(f"dataset_info.json: {mkey}/{skey} have shapes {mean.shape}/{std.shape}, "
+                                f"expected ({dim},)")
+    return mean, np.maximum(std, _STD_FLOOR)
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    geo, t = self.geometry, self.max_tokens
+    total = int(np.asarray(record["num_tokens"]))
+    start = 0
+    if self.train and rng is not None and total > t:
+      start = int(rng.integers(0, total - t + 1))
+    n = min(total, t)
+    ka, kv = geo.audio_frames, geo.visual_frames
+    audio_in = (record["audio"][start * ka:(start + n) * ka] - self._audio_mean) / self._audio_std
+    mask = np.zeros((t,), bool)
+    mask[:n] = True
+    if geo.kind == "raw":
+      s = geo.visual_size
+      audio = np.zeros((t, ka, geo.audio_dim), np.float32)
+      audio[:n] = audio_in.reshape(n, ka, geo.audio_dim)
+      visual = np.zeros((t, kv, s, s, 3), np.uint8)
+      visual[:n] = record["visual"][start * kv:(start + n) * kv].reshape(n, kv, s, s, 3)
+    else:
+      audio = np.zeros((t, geo.audio_dim), np.float32)
+      audio[:n] = audio_in
+      visual = np.zeros((t, geo.visual_dim), np.float32)
+      visual[:n] = (record["visual"][start:start + n] - self._visual_mean) / self._visual_std
+    ex = {"audio": audio, "visual": visual, "mask": mask, "label": np.int32(np.asarray(record["label"])),
+          "targets": np.asarray(record["targets"], np.float32).reshape(3)}
+    if self.train and rng is not None:
+      for aug in self.augmentations:
+        ex = aug(ex, rng)
+    valid = ex["mask"]
+    if geo.kind == "raw":
+      audio_target = ex["audio"].mean(axis=1)
+      visual_target = (face_target(ex["visual"], geo.target_size) - self._target_mean) / self._target_std
+    else:
+      audio_target, visual_target = ex["audio"].copy(), ex["visual"].copy()
+    ex["audio_target"] = np.where(valid[:, None], audio_target, 0).astype(np.float32)
+    ex["visual_target"] = np.where(valid[:, None], visual_target, 0).astype(np.float32)
+    pad = ~valid
+    ex["audio"][pad] = 0
+    ex["visual"][pad] = 0
+    ex["weight"] = np.float32(1.0)
+    return {k: ex[k] for k in BATCH_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset assembly.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _PaddingSource:
+  """`count` copies of a padding clip (for the last eval batch)."""
+
+  def __init__(self, example: Mapping[str, np.ndarray], count: int):
+    self._example, self._count = dict(example), count
+
+  def __len__(self) -> int:
+    return self._count
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= int(index) < self._count:
+      raise IndexError(index)
+    return {k: np.copy(v) for k, v in self._example.items()}
+
+
+class _BatchTransform:
+  """Adapts `fn(batch, rng) -> batch` to grain's random_map."""
+
+  def __init__(self, fn: Callable[[dict, np.random.Generator], dict]):
+    self.fn = fn
+
+  def __call__(self, batch: dict, rng: np.random.Generator) -> dict:
+    return self.fn(batch, rng)
+
+
+def _derive_seed(seed: int, *keys: int) -> int:
+  return int(np.random.SeedSequence([int(seed), *keys]).generate_state(1)[0])
+
+
+def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, max_tokens: int,
+                 process_index: int | None = None, process_count: int | None = None, shuffle: bool = True,
+                 num_epochs: int | None = None, worker_count: int = 0, mixture: Sequence[float] | None = None,
+                 augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = (),
+                 batch_transform: Callable[[dict, np.random.Generator], dict] | None = None,
+                 read_options: grain.ReadOptions | None = None, worker_buffer_size: int = 2) -> grain.IterDataset:
+  """Builds the Grain dataset of batches (docs/data_format.md) for this process.
+
+  Args:
+    spec: dataset spec (see `parse_spec`); several sources are mixed with their weights for training and
+      concatenated for evaluation. All sources must have the same kind and shapes.
+    split: "train" (shuffled, random crops, augmentations, `drop_remainder`, repeats forever unless
+      `num_epochs`) or "eval" (one pass in record order, crops from token 0, last batch padded with clips of
+      weight 0; every process yields the same number of batches).
+    global_batch_size: batch size over all processes; this process yields batches of
+      global_batch_size // process_count.
+    seed: seeds shuffling (a new order per epoch), the random crops and `batch_transform`.
+    max_tokens: T, the fixed token length of every clip (cropped or zero-padded).
+    process_index, process_count: this process's slice of the data (default: jax.process_index/count()).
+    shuffle: train only; False keeps record order.
+    num_epochs: train only; None repeats forever. With a mixture, the epochs of the source exhausted first.
+    worker_count: > 0 prefetches batches in that many processes (`mp_prefetch`); batches do not depend on it.
+    mixture: optional weights overriding the `weight` of each source of the spec.
+    augmentations: train-only per-clip callables, see `ClipTransform`.
+    batch_transform: optional picklable `fn(batch, rng) -> batch` applied to every numpy batch in the
+      consuming process (e.g. span masking); rng is a numpy Generator, deterministic and checkpointed.
+    read_options: threads / buffer of the in-process prefetch (default 2 threads, 4 batches).
+    worker_buffer_size: batches buffered per prefetch worker.
+
+  Returns:
+    A grain IterDataset; `iter(ds)` gives a checkpointable iterator of dicts of numpy arrays.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  process_index, process_count = _process_defaults(process_index, process_count)
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
+  batch_size = global_batch_size // process_count
+  if batch_size < 1:
+    raise ValueError(f"global_batch_size {global_batch_size} gives no clip per process ({process_count})")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  specs = parse_spec(spec)
+  sources = [s.open() for s in specs]
+  geometry = check_compatible([s.info for s in sources], [s.name for s in sources])
+  for s in sources:
+    if len(s) == 0:
+      raise ValueError(f"dataset {s.name!r} has no clips (after filtering)")
+  train = split == "train"
+  transform = ClipTransform(sources[0].info, max_tokens, train=train, augmentations=augmentations)
+
+  if train:
+    parts = []
+    for k, src in enumerate(sources):
+      ds = grain.MapDataset.source(src)
+      if shuffle:
+        ds = ds.shuffle(seed=_derive_seed(seed, 1, k))
+      parts.append(ds.repeat(num_epochs))
+    if len(parts) == 1:
+      ds = parts[0]
+    else:
+      weights = list(mixture) if mixture is not None else [s.weight for s in specs]
+      if len(weights) != len(parts) or min(weights) <= 0:
+        raise ValueError(f"mixture weights {weights} must be {len(parts)} positive numbers")
+      ds = grain.MapDataset.mix(parts, weights)
+    ds = ds.random_map(transform, seed=_derive_seed(seed, 2))
+    ds = ds[process_index::process_count]
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:
+    ds = grain.MapDataset.source(sources[0])
+    if len(sources) > 1:
+      ds = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in sources])
+    total = len(ds)
+    ds = ds[process_index::process_count].map(transform)
+    num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+    pad = num_batches * batch_size - len(ds)
+    if pad:
+      padding = grain.MapDataset.source(_PaddingSource(zero_example(geometry, max_tokens), pad))
+      ds = grain.MapDataset.concatenate([ds, padding]) if len(ds) else padding
+    ds = ds.batch(batch_size, drop_remainder=False)
+
+  read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+  it = ds.to_iter_dataset(read_options)
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app.run use the defaults.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                     per_worker_buffer_size=worker_buffer_size))
+  if batch_transform is not None:
+    it = it.random_map(_BatchTransform(batch_transform), seed=_derive_seed(seed, 3, process_index))
+  return it
+
