@@ -23,6 +23,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 200
   c.batch_size = 8                  # global, over all processes
+  c.grad_accum_steps = 1            # micro-batches per step (batch_size must be divisible by it)
   c.eval_batch_size = 8
   c.log_every_steps = 10
   c.eval_every_steps = 100          # 0 = only at the end

@@ -260,6 +260,13 @@ def _layer(sd, p: str, e: int, heads: int) -> dict[str, Any]:
           "fc2": _linear(sd[p + "fc2.weight"], sd[p + "fc2.bias"])}
 
 
+def _stack(trees):
+  """Stacks identically structured trees on a new leading axis."""
+  if isinstance(trees[0], Mapping):
+    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
+  return np.stack(trees)
+
+
 def _flat_shapes(tree, prefix=""):
   out = {}
   for k, v in tree.items():
@@ -269,11 +276,13 @@ def _flat_shapes(tree, prefix=""):
 
 
 def convert(state_dict: Mapping[str, np.ndarray], size: Optional[str] = None, num_heads: Optional[int] = None,
-            source: str = ""):
+            source: str = "", scan_layers: bool = False):
   """Maps a release state_dict to a PretrainModel parameter tree.
 
-  size: None/'auto' (detect base or large from proj_a's shape and the layer count), 'base', 'large', or 'custom'
-  (any width/layer count; needs num_heads). Returns (params, model_config): params is a nested dict of float32
+  size: None/'auto' (base or large recognised by proj_a's width; a wrong layer count then shows up as missing or
+  unexpected tensors), 'base', 'large' (an error if the file's width differs), or 'custom' (width and layer count
+  read from the file; needs num_heads, as does any width that is not a released one). scan_layers: write the
+  layout of `model.scan_layers=True` (each encoder's layers stacked on a leading axis). Returns (params, model_config): params is a nested dict of float32
   numpy arrays {'encoder': ..., 'recon_audio': ..., 'recon_visual': ...}; model_config the ConfigDict to build
   `PretrainModel` / `FinetuneModel` with. Raises ReleaseFormatError naming every problem tensor.
   """
@@ -282,13 +291,18 @@ def convert(state_dict: Mapping[str, np.ndarray], size: Optional[str] = None, nu
   check_state_dict(sd, release_shapes(width, layers, audio_dim, visual_dim), source)
   sd = {k: np.asarray(v, np.float32) for k, v in sd.items() if not is_ignored(k)}
   overrides = {} if label in RELEASE_SIZES else dict(width=width, num_layers=layers, num_heads=heads)
+  overrides["scan_layers"] = bool(scan_layers)
   cfg = release_model_config(label, audio_dim, visual_dim, **overrides)
 
   encoder = {"audio_frontend": {"proj": {"kernel": np.ascontiguousarray(sd["proj_a.weight"][:, :, 0].T)}},
              "visual_frontend": {"proj": {"kernel": np.ascontiguousarray(sd["proj_v.weight"][:, :, 0].T)}}}
   for prefix, name in ENCODERS.items():
     e = 2 * width if prefix == "trans_mem" else width
-    enc = {f"layer_{i}": _layer(sd, f"{prefix}.layers.{i}.", e, heads) for i in range(layers)}
+    per_layer = [_layer(sd, f"{prefix}.layers.{i}.", e, heads) for i in range(layers)]
+    if scan_layers:
+      enc = {"layers": _stack(per_layer)}
+    else:
+      enc = {f"layer_{i}": tree for i, tree in enumerate(per_layer)}
     enc["ln_final"] = {"scale": sd[f"{prefix}.layer_norm.weight"], "bias": sd[f"{prefix}.layer_norm.bias"]}
     encoder[name] = enc
   params = {"encoder": encoder}
@@ -380,6 +394,7 @@ def _define_flags():
   flags.DEFINE_string("output", None, "new local directory for the converted checkpoint")
   flags.DEFINE_enum("size", "auto", ["auto", "base", "large", "custom"], "model size; auto detects it")
   flags.DEFINE_integer("num_heads", None, "attention heads; only for --size=custom or a non-released shape")
+  flags.DEFINE_bool("scan_layers", False, "write the layout of model.scan_layers=True (stacked layers)")
   flags.DEFINE_string("check", None, "optional .npz with 'audio' [B,T,512] and 'visual' [B,T,17]: writes "
                       "<output>/check_outputs.npz with recon_audio, recon_visual and features")
   flags.mark_flags_as_required(["input", "output"])
@@ -392,7 +407,7 @@ def main(argv) -> None:
   flag = flags.FLAGS
   sd = load_state_dict(flag.input)
   ignored = sorted(k for k in sd if is_ignored(k))
-  params, cfg = convert(sd, flag.size, flag.num_heads, source=flag.input)
+  params, cfg = convert(sd, flag.size, flag.num_heads, source=flag.input, scan_layers=flag.scan_layers)
   out = write_checkpoint(flag.output, params, cfg, source=flag.input, check_inputs=flag.check)
   n = sum(int(np.prod(x.shape)) for x in _iter_leaves(params))
   print(f"converted {flag.input} ({cfg.size}: d={cfg.width}, {cfg.num_heads} heads, {cfg.num_layers} layers; "

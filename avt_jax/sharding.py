@@ -30,6 +30,7 @@ DEFAULT_RULES = (
     ("feature", None),
     ("conv", None),
     ("classes", None),
+    ("layers", None),
 )
 
 

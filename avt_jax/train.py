@@ -68,6 +68,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.data.train is empty: give a prepared dataset directory (python -m data.prepare)")
   if config.data.max_tokens < 1:
     raise ValueError(f"config.data.max_tokens={config.data.max_tokens}; expected >= 1")
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1 or config.batch_size % accum:
+    raise ValueError(f"config.grad_accum_steps={accum!r}; expected a positive divisor of batch_size "
+                     f"{config.batch_size}")
   mesh_devices = math.prod(v for k, v in config.mesh.items() if k in sharding.AXES and v != -1)
   if config.batch_size % mesh_devices and -1 not in [config.mesh.get(a, 1) for a in sharding.AXES]:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh size {mesh_devices}")
@@ -169,9 +173,32 @@ def make_loss_fn(config, model) -> Callable:
 def make_train_step(config, model, tx, schedule):
   loss_fn = make_loss_fn(config, model)
 
+  accum = int(config.get("grad_accum_steps", 1))
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated(params, batch, rng):
+    """Mean of the losses and gradients of `accum` micro-batches, one after another (lower peak memory)."""
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+      i, mb = xs
+      (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), True)
+      aux = {k: v for k, v in aux.items() if k in ("l1_audio", "l1_visual")}
+      return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                                                          rng, True)))
+    (loss, aux), grads = zeros
+    aux = {k: v for k, v in aux.items() if k in ("l1_audio", "l1_visual")}
+    (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), (jnp.arange(accum), micro))
+    return (loss / accum, jax.tree.map(lambda v: v / accum, aux)), jax.tree.map(lambda g: g / accum, grads)
+
   def train_step(state, batch, base_rng):
     rng = jax.random.fold_in(base_rng, state["step"])
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng, True)
+    if accum > 1:
+      (loss, aux), grads = accumulated(state["params"], batch, rng)
+    else:
+      (loss, aux), grads = grad_fn(state["params"], batch, rng, True)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     out = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"])}

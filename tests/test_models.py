@@ -221,3 +221,24 @@ def test_bfloat16_compute_close_to_float32():
   assert l16.dtype == jnp.float32
   # Documented tolerance: bf16 compute (8-bit mantissa) keeps the masked L1 within 2% of float32.
   assert abs(float(l16) - float(l32)) <= 0.02 * abs(float(l32))
+
+
+def test_scanned_layers_with_remat_equal_the_layer_loop():
+  rng = np.random.default_rng(8)
+  batch = _feature_batch(rng, lengths=[12, 7])
+  loop_model, loop_params = _init_apply(_tiny(num_layers=3), batch)
+  scan_model = avt.PretrainModel(_tiny(num_layers=3, scan_layers=True, remat=True))
+  scan_params = nn.meta.unbox(scan_model.init(jax.random.key(0), batch)["params"])
+  assert scan_params["encoder"]["joint"]["layers"]["fc1"]["kernel"].shape[0] == 3
+  for enc in ("cross_visual_audio", "cross_audio_visual", "joint"):
+    tree = loop_params["encoder"][enc]
+    layers = [tree[f"layer_{i}"] for i in range(3)]
+    scan_params["encoder"][enc]["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    scan_params["encoder"][enc]["ln_final"] = tree["ln_final"]
+  for key in ("audio_frontend", "visual_frontend"):
+    scan_params["encoder"][key] = loop_params["encoder"][key]
+  for key in ("recon_audio", "recon_visual"):
+    scan_params[key] = loop_params[key]
+  a = loop_model.apply({"params": loop_params}, batch)["recon_audio"]
+  b = scan_model.apply({"params": scan_params}, batch)["recon_audio"]
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

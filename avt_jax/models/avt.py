@@ -53,7 +53,8 @@ def model_config(size: str = "base", **overrides) -> ml_collections.ConfigDict:
       num_classes=6, num_targets=2,
       dtype="float32",            # compute dtype; parameters are always float32
       attention_impl="",          # '' = jax default, or 'xla' / 'cudnn'
-      remat=False,
+      remat=False,                # rematerialise each layer's activations in the backward pass
+      scan_layers=False,          # scan over stacked layers (faster compiles; checkpoint layout [L, ...])
   ))
   if size in PRESETS:
     cfg.update(PRESETS[size])
@@ -91,7 +92,8 @@ class AVEncoder(nn.Module):
 
     def encoder(name, dropout):
       return Encoder(cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, cfg.embed_dropout, dropout,
-                     cfg.residual_dropout, cfg.relu_dropout, dtype, impl, cfg.remat, name=name)
+                     cfg.residual_dropout, cfg.relu_dropout, dtype, impl, cfg.remat, cfg.get("scan_layers", False),
+                     name=name)
 
     v_a = encoder("cross_visual_audio", cfg.cross_attention_dropout)(
         v, v_pos, attn_mask, deterministic, kv=a, kv_pos_valid=a_pos)

@@ -202,6 +202,7 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: bool = False
+  scan_layers: bool = False  # one scanned layer with stacked [L, ...] parameters (a different checkpoint layout)
 
   def _embed(self, x, pos_valid, deterministic):
     width = x.shape[-1]
@@ -217,13 +218,26 @@ class Encoder(nn.Module):
       # The key and value streams receive independent embedding dropout, as in the release.
       x_k = self._embed(kv, kv_pos_valid, deterministic)
       x_v = self._embed(kv, kv_pos_valid, deterministic)
-    layer_cls = EncoderLayer
-    if self.remat:
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(5,))
-    for i in range(self.num_layers):
-      x = layer_cls(self.num_heads, self.mlp_ratio, self.attention_dropout, self.residual_dropout,
-                    self.relu_dropout, self.dtype, self.attention_impl, name=f"layer_{i}")(
-                        x, x_k, x_v, mask, deterministic)
+    args = (self.num_heads, self.mlp_ratio, self.attention_dropout, self.residual_dropout, self.relu_dropout,
+            self.dtype, self.attention_impl)
+    if self.scan_layers:
+      layer_cls = nn.remat(ScanLayer, static_argnums=()) if self.remat else ScanLayer
+      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(*args, deterministic=deterministic, name="layers")(x, x_k, x_v, mask)
+    else:
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(5,)) if self.remat else EncoderLayer
+      for i in range(self.num_layers):
+        x = layer_cls(*args, name=f"layer_{i}")(x, x_k, x_v, mask, deterministic)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final",
                         scale_init=logical(nn.initializers.ones, ("embed",)),
                         bias_init=logical(nn.initializers.zeros, ("embed",)))(x)
+
+
+class ScanLayer(EncoderLayer):
+  """EncoderLayer in the (carry, output) form of nn.scan; `deterministic` is an attribute (static)."""
+  deterministic: bool = True
+
+  def __call__(self, x, x_k, x_v, mask):  # pylint: disable=arguments-differ
+    return super().__call__(x, x_k, x_v, mask, self.deterministic), None
