@@ -215,9 +215,11 @@ def _num_records(path: str) -> int:
 class RecordFilter:
   """Which records of a source to keep; all given conditions must hold.
 
-  clip_ids / exclude_clip_ids: lists of clip ids; where / where_not: {field: allowed / excluded values} on the
-  metadata rows of `read_metadata` (values compared as strings, so {"speaker": [1001]} matches "1001");
-  predicate: callable(row) -> bool. `split` names a list of clip ids in dataset_info.json "splits".
+  clip_ids / exclude_clip_ids: lists of clip ids (ids absent from the data are ignored: they may have been
+  skipped during preparation); where / where_not: {field: allowed / excluded values} on the metadata rows of
+  `read_metadata` (values compared as strings, so {"speaker": [1001]} matches "1001"; values absent from the
+  data are ignored, but a condition none of whose values occurs is an error); predicate: callable(row) -> bool. `split` names a list of clip ids in dataset_info.json
+  "splits".
   """
   clip_ids: Sequence[str] | None = None
   exclude_clip_ids: Sequence[str] | None = None
@@ -241,9 +243,14 @@ class RecordFilter:
     drop = {str(c) for c in self.exclude_clip_ids or ()}
     where = {k: {str(v) for v in vs} for k, vs in (self.where or {}).items()}
     where_not = {k: {str(v) for v in vs} for k, vs in (self.where_not or {}).items()}
-    for k in list(where) + list(where_not):
-      if rows and k not in rows[0]:
-        raise KeyError(f"{name}: filter field {k!r} is not in the record metadata {sorted(rows[0])}")
+    for label, cond in (("where", where), ("where_not", where_not)):
+      for k, vs in cond.items():
+        if rows and k not in rows[0]:
+          raise KeyError(f"{name}: filter field {k!r} is not in the record metadata {sorted(rows[0])}")
+        present = {str(r.get(k)) for r in rows}
+        if vs and not vs & present:  # none at all (some may be absent from a subset): a typo or a wrong field
+          raise ValueError(f"{name}: none of the {label}[{k!r}] values {sorted(vs)[:10]} matches a record; present "
+                           f"values include {sorted(present)[:10]}")
     kept = []
     for i, r in enumerate(rows):
       cid = str(r["clip_id"])

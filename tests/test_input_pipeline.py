@@ -1,0 +1,538 @@
+"""Tests of avt_jax.input_pipeline on small real ArrayRecord datasets written in temporary directories."""
+
+import json
+import os
+
+import cv2
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from array_record.python import array_record_module
+
+from avt_jax import input_pipeline as ip
+from avt_jax import records
+
+KA, FA, KV, S, G = 4, 6, 2, 8, 4  # raw geometry of the test datasets
+DA, DV = 5, 7  # features geometry
+
+
+def _raw_info(num_clips, shards, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"kind": "raw", "token_rate": 5.0,
+          "audio": {"type": "logmel", "frames_per_token": KA, "dim": FA, "n_mels": FA,
+                    "mean": rng.normal(size=FA).tolist(), "std": rng.uniform(0.5, 2.0, size=FA).tolist()},
+          "visual": {"type": "face", "frames_per_token": KV, "fps": 10.0, "size": S, "channels": 3,
+                     "target_size": G, "target_mean": 0.45, "target_std": 0.2},
+          "num_clips": num_clips, "shards": shards}
+
+
+def _features_info(num_clips, shards):
+  return {"kind": "features", "token_rate": 5.0,
+          "audio": {"type": "features", "frames_per_token": 1, "dim": DA},
+          "visual": {"type": "features", "frames_per_token": 1, "dim": DV},
+          "num_clips": num_clips, "shards": shards}
+
+
+def make_clip(i, num_tokens, kind="raw", speaker=None, seed=0, dataset="avt_synth"):
+  """Clip i; its label is i so that batches can be traced back to clips."""
+  rng = np.random.default_rng([seed, i])
+  if kind == "raw":
+    audio = rng.normal(size=(num_tokens * KA, FA)).astype(np.float32)
+    visual = rng.integers(0, 256, size=(num_tokens * KV, S, S, 3), dtype=np.uint8)
+  else:
+    audio = rng.normal(size=(num_tokens, DA)).astype(np.float32)
+    visual = rng.normal(size=(num_tokens, DV)).astype(np.float32)
+  return {"clip_id": f"c{i:04d}", "dataset": dataset, "speaker": speaker or f"s{i % 3}", "session": "",
+          "label": np.int32(i), "targets": np.array([i, -i, np.nan], np.float32),
+          "num_tokens": np.int32(num_tokens), "audio": audio, "visual": visual}
+
+
+def write_dataset(root, clips, kind="raw", num_shards=2, manifest="ordered", info_seed=0):
+  """Writes a prepared directory. manifest: None, "ordered" (ok rows in record order, as data.prepare writes
+  them) or "reversed"."""
+  os.makedirs(os.path.join(root, "shards"), exist_ok=True)
+  parts = np.array_split(np.arange(len(clips)), num_shards)
+  names, rows = [], []
+  for k, part in enumerate(parts):
+    name = f"shards/clips-{k:05d}-of-{num_shards:05d}.array_record"
+    records.write_shard(os.path.join(root, name), [clips[i] for i in part])
+    names.append(name)
+    for i in part.tolist():
+      c = clips[i]
+      rows.append({"clip_id": c["clip_id"], "status": "ok", "speaker": c["speaker"], "label": int(c["label"]),
+                   "extra": f"x{i % 2}", "index": 1000 + i})  # input index, as data.prepare
+  rows.insert(1, {"clip_id": "broken", "status": "skipped", "reason": "no face"})
+  if manifest == "reversed":
+    rows.reverse()
+  if manifest:
+    with open(os.path.join(root, ip.MANIFEST), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  info = _raw_info(len(clips), names, info_seed) if kind == "raw" else _features_info(len(clips), names)
+  with open(os.path.join(root, records.DATASET_INFO), "w") as f:
+    json.dump(info, f)
+  return info
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("raw"))
+  lengths = [3, 7, 5, 9, 2, 6, 4, 8, 5, 3, 10, 6]
+  write_dataset(root, [make_clip(i, t) for i, t in enumerate(lengths)])
+  return root
+
+
+@pytest.fixture(scope="module")
+def feat_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("feat"))
+  write_dataset(root, [make_clip(i, 3 + i % 5, kind="features") for i in range(10)], kind="features")
+  return root
+
+
+def take(ds_or_it, n):
+  it = iter(ds_or_it)
+  return [next(it) for _ in range(n)]
+
+
+def labels_and_weights(batches):
+  lab = np.concatenate([b["label"] for b in batches])
+  w = np.concatenate([b["weight"] for b in batches])
+  return lab, w
+
+
+# ----- shapes and dtypes ---------------------------------------------------------------------------------------
+
+
+def test_raw_batch_shapes_and_dtypes(raw_dir):
+  ds = ip.make_dataset(raw_dir, split="train", global_batch_size=4, seed=0, max_tokens=5, process_index=0,
+                       process_count=1)
+  b = take(ds, 1)[0]
+  expect = {"audio": ((4, 5, KA, FA), np.float32), "visual": ((4, 5, KV, S, S, 3), np.uint8),
+            "mask": ((4, 5), np.bool_), "audio_target": ((4, 5, FA), np.float32),
+            "visual_target": ((4, 5, G * G), np.float32), "label": ((4,), np.int32),
+            "targets": ((4, 3), np.float32), "weight": ((4,), np.float32)}
+  assert set(b) == set(expect)
+  for k, (shape, dtype) in expect.items():
+    assert b[k].shape == shape and b[k].dtype == dtype, (k, b[k].shape, b[k].dtype)
+  np.testing.assert_array_equal(b["weight"], 1.0)
+  dummy = ip.dummy_batch(ip.Geometry.from_info(records.load_dataset_info(raw_dir)), 4, 5)
+  assert {k: (v.shape, v.dtype) for k, v in dummy.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+
+
+def test_features_batch_shapes_and_dtypes(feat_dir):
+  ds = ip.make_dataset(feat_dir, split="eval", global_batch_size=4, seed=0, max_tokens=6, process_index=0,
+                       process_count=1)
+  batches = list(ds)
+  assert len(batches) == 3  # 10 clips -> 4 + 4 + 2 real and 2 padding clips
+  expect = {"audio": ((4, 6, DA), np.float32), "visual": ((4, 6, DV), np.float32), "mask": ((4, 6), np.bool_),
+            "audio_target": ((4, 6, DA), np.float32), "visual_target": ((4, 6, DV), np.float32),
+            "label": ((4,), np.int32), "targets": ((4, 3), np.float32), "weight": ((4,), np.float32)}
+  for b in batches:
+    for k, (shape, dtype) in expect.items():
+      assert b[k].shape == shape and b[k].dtype == dtype, (k, b[k].shape, b[k].dtype)
+  # Features kind without statistics: inputs as stored, targets equal to the inputs.
+  clip = make_clip(1, 4, kind="features")
+  b = batches[0]
+  np.testing.assert_array_equal(b["audio"][1, :4], clip["audio"])
+  np.testing.assert_array_equal(b["visual"][1, :4], clip["visual"])
+  np.testing.assert_array_equal(b["audio_target"], b["audio"])
+  np.testing.assert_array_equal(b["visual_target"], b["visual"])
+  np.testing.assert_array_equal(b["mask"][1], [True] * 4 + [False] * 2)
+  assert not b["audio"][1, 4:].any() and not b["visual"][1, 4:].any()
+
+
+# ----- per-clip numbers vs hand constructions ------------------------------------------------------------------
+
+
+def _hand_face_target(frames, g):
+  """Loop-based grayscale + block average + frame mean (S divisible by g)."""
+  kv, s = frames.shape[0], frames.shape[1]
+  f = s // g
+  out = np.zeros((g, g), np.float64)
+  for k in range(kv):
+    for a in range(g):
+      for c in range(g):
+        block = frames[k, a * f:(a + 1) * f, c * f:(c + 1) * f].astype(np.float64)
+        gray = (0.299 * block[..., 0] + 0.587 * block[..., 1] + 0.114 * block[..., 2]) / 255.0
+        out[a, c] += gray.mean() / kv
+  return out.reshape(-1)
+
+
+def _hand_example(clip, info, start, t):
+  """Expected model example for `clip` cropped at token `start` to `t` tokens, built with explicit loops."""
+  mean, std = np.array(info["audio"]["mean"]), np.array(info["audio"]["std"])
+  tm, ts = info["visual"]["target_mean"], info["visual"]["target_std"]
+  n = min(int(clip["num_tokens"]) - start, t)
+  audio = np.zeros((t, KA, FA))
+  visual = np.zeros((t, KV, S, S, 3), np.uint8)
+  at = np.zeros((t, FA))
+  vt = np.zeros((t, G * G))
+  mask = np.zeros(t, bool)
+  for j in range(n):
+    src = start + j
+    for k in range(KA):
+      audio[j, k] = (clip["audio"][src * KA + k] - mean) / std
+    at[j] = audio[j].sum(axis=0) / KA
+    visual[j] = clip["visual"][src * KV:(src + 1) * KV]
+    vt[j] = (_hand_face_target(visual[j], G) - tm) / ts
+    mask[j] = True
+  return {"audio": audio, "visual": visual, "audio_target": at, "visual_target": vt, "mask": mask}
+
+
+def _assert_example(got, want):
+  np.testing.assert_allclose(got["audio"], want["audio"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got["visual"], want["visual"])
+  np.testing.assert_allclose(got["audio_target"], want["audio_target"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["visual_target"], want["visual_target"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got["mask"], want["mask"])
+
+
+def test_pad_mask_and_targets_vs_hand(raw_dir):
+  info = records.load_dataset_info(raw_dir)
+  ds = ip.make_dataset(raw_dir, split="eval", global_batch_size=4, seed=0, max_tokens=5, process_index=0,
+                       process_count=1)
+  b = take(ds, 1)[0]
+  for row, (i, t) in enumerate([(0, 3), (1, 7), (2, 5), (3, 9)]):  # padded, cropped from 0, exact, cropped
+    got = {k: v[row] for k, v in b.items()}
+    _assert_example(got, _hand_example(make_clip(i, t), info, 0, 5))
+    assert got["label"] == i and got["weight"] == 1.0
+    np.testing.assert_array_equal(got["targets"], [i, -i, np.nan])
+
+
+def test_train_random_crop_matches_a_window(raw_dir):
+  info = records.load_dataset_info(raw_dir)
+  clip = make_clip(10, 10)
+  tr = ip.ClipTransform(info, 4, train=True)
+  windows = [clip["visual"][s * KV:(s + 4) * KV].reshape(4, KV, S, S, 3) for s in range(7)]
+  starts = []
+  for r in range(100):
+    got = tr(clip, np.random.default_rng(r))
+    matches = [s for s in range(7) if np.array_equal(got["visual"], windows[s])]
+    assert len(matches) == 1
+    if r < 5:
+      _assert_example(got, _hand_example(clip, info, matches[0], 4))
+    starts.append(matches[0])
+  assert sorted(set(starts)) == list(range(7))  # every start 0..num_tokens-T is drawn (P(miss) ~ 1e-6)
+  _assert_example(ip.ClipTransform(info, 4, train=False)(clip), _hand_example(clip, info, 0, 4))
+
+
+def test_face_target_area_average_vs_opencv():
+  rng = np.random.default_rng(3)
+  frames = rng.integers(0, 256, size=(2, 3, 10, 10, 3), dtype=np.uint8)  # [N, Kv, S, S, 3], S=10 -> g=4
+  got = ip.face_target(frames, 4)
+  assert got.shape == (2, 16) and got.dtype == np.float32
+  for n in range(2):
+    acc = np.zeros((4, 4), np.float64)
+    for k in range(3):
+      f = frames[n, k].astype(np.float64)
+      gray = (0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]) / 255.0
+      acc += cv2.resize(gray, (4, 4), interpolation=cv2.INTER_AREA) / 3
+    np.testing.assert_allclose(got[n], acc.reshape(-1), atol=1e-5)
+  # Divisible sizes: plain block means.
+  even = rng.integers(0, 256, size=(1, 8, 8, 3), dtype=np.uint8)
+  np.testing.assert_allclose(ip.face_target(even, 4), _hand_face_target(even, 4), atol=1e-6)
+
+
+def test_augmentation_runs_in_train_only_before_targets(raw_dir):
+  info = records.load_dataset_info(raw_dir)
+  clip = make_clip(2, 5)
+  flip = HorizontalFlip()
+  got = ip.ClipTransform(info, 5, train=True, augmentations=[flip])(clip, np.random.default_rng(0))
+  want = _hand_example(clip, info, 0, 5)
+  np.testing.assert_array_equal(got["visual"], want["visual"][:, :, :, ::-1])
+  vt = want["visual_target"].reshape(5, G, G)[:, :, ::-1].reshape(5, G * G)
+  np.testing.assert_allclose(got["visual_target"], vt, atol=1e-5)
+  plain = ip.ClipTransform(info, 5, train=False, augmentations=[flip])(clip, np.random.default_rng(0))
+  np.testing.assert_array_equal(plain["visual"], want["visual"])
+
+
+class HorizontalFlip:
+
+  def __call__(self, ex, rng):
+    del rng
+    ex["visual"] = np.ascontiguousarray(ex["visual"][:, :, :, ::-1])
+    return ex
+
+
+# ----- order, sharding, eval coverage --------------------------------------------------------------------------
+
+
+def test_process_slices_are_disjoint_and_cover(raw_dir):
+  seen = []
+  for p in range(2):
+    ds = ip.make_dataset(raw_dir, split="train", global_batch_size=4, seed=5, max_tokens=3, process_index=p,
+                         process_count=2, num_epochs=1)
+    batches = list(ds)
+    assert len(batches) == 3 and all(b["label"].shape == (2,) for b in batches)
+    seen.append(labels_and_weights(batches)[0])
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(np.concatenate(seen)) == list(range(12))
+
+
+def test_order_depends_on_seed_only(raw_dir):
+  def order(seed):
+    ds = ip.make_dataset(raw_dir, split="train", global_batch_size=4, seed=seed, max_tokens=3, process_index=0,
+                         process_count=1)
+    return np.concatenate([b["label"] for b in take(ds, 9)])  # 36 clips = 3 epochs
+  a, b, c = order(1), order(1), order(2)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  for e in range(3):  # every epoch is a permutation, and epochs differ from each other
+    assert sorted(a[12 * e:12 * (e + 1)]) == list(range(12))
+  assert not np.array_equal(a[:12], a[12:24])
+  unshuffled = ip.make_dataset(raw_dir, split="train", global_batch_size=4, seed=1, max_tokens=3,
+                               process_index=0, process_count=1, shuffle=False)
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in take(unshuffled, 3)]), np.arange(12))
+
+
+@pytest.mark.parametrize("process_count,batch", [(1, 5), (2, 10), (3, 3)])
+def test_eval_covers_every_clip_once(raw_dir, process_count, batch):
+  per_process = []
+  for p in range(process_count):
+    batches = list(ip.make_dataset(raw_dir, split="eval", global_batch_size=batch, seed=0, max_tokens=4,
+                                   process_index=p, process_count=process_count))
+    lab, w = labels_and_weights(batches)
+    per_process.append((len(batches), lab[w > 0]))
+    pad = w == 0
+    assert (lab[pad] == -1).all() and all(not b["mask"][b["weight"] == 0].any() for b in batches)
+    assert all(not b["audio"][b["weight"] == 0].any() for b in batches)
+  assert len({n for n, _ in per_process}) == 1  # same number of batches on every process
+  real = np.concatenate([lab for _, lab in per_process])
+  assert sorted(real) == list(range(12))
+
+
+# ----- checkpointing -------------------------------------------------------------------------------------------
+
+
+def _assert_batches_equal(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    assert set(x) == set(y)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+class AddNoiseToMask:
+  """A batch transform drawing random numbers (like span masking)."""
+
+  def __call__(self, batch, rng):
+    batch = dict(batch)
+    batch["mask"] = batch["mask"] & (rng.random(batch["mask"].shape) > 0.3)
+    return batch
+
+
+def _train_ds(raw_dir, worker_count=0):
+  return ip.make_dataset(raw_dir, split="train", global_batch_size=3, seed=7, max_tokens=4, process_index=0,
+                         process_count=1, worker_count=worker_count, batch_transform=AddNoiseToMask())
+
+
+def test_resume_from_state_gives_identical_batches(raw_dir):
+  it = iter(_train_ds(raw_dir))
+  take(it, 5)
+  state = it.get_state()
+  after = take(it, 4)
+  it2 = iter(_train_ds(raw_dir))
+  it2.set_state(state)
+  _assert_batches_equal(take(it2, 4), after)
+  # A fresh iterator without the state starts elsewhere.
+  assert not np.array_equal(take(iter(_train_ds(raw_dir)), 1)[0]["label"], after[0]["label"])
+
+
+def test_resume_through_orbax_checkpoint_manager(raw_dir, tmp_path):
+  it = iter(_train_ds(raw_dir))
+  take(it, 3)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  after = take(it, 3)
+  it2 = iter(_train_ds(raw_dir))
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    assert mngr.latest_step() == 3
+    mngr.restore(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(it2)))
+  _assert_batches_equal(take(it2, 3), after)
+
+
+def test_prefetch_workers_give_same_batches_and_resume(raw_dir):
+  ref = take(_train_ds(raw_dir), 6)
+  it = iter(_train_ds(raw_dir, worker_count=2))
+  try:
+    first = take(it, 3)
+    state = it.get_state()
+  finally:
+    it.close()
+  _assert_batches_equal(first, ref[:3])
+  it2 = iter(_train_ds(raw_dir, worker_count=2))
+  try:
+    it2.set_state(state)
+    _assert_batches_equal(take(it2, 3), ref[3:])
+  finally:
+    it2.close()
+
+
+# ----- errors, filtering, mixtures -----------------------------------------------------------------------------
+
+
+def test_corrupt_record_error_names_shard_and_index(tmp_path):
+  root = str(tmp_path)
+  write_dataset(root, [make_clip(i, 3) for i in range(4)], num_shards=1)
+  bad = os.path.join(root, "shards", "bad.array_record")
+  writer = array_record_module.ArrayRecordWriter(bad, "group_size:1")
+  writer.write(records.encode(make_clip(4, 3)))
+  writer.write(b"\xc1 this is not msgpack")
+  writer.close()
+  info = records.load_dataset_info(root)
+  info["shards"].append("shards/bad.array_record")
+  with open(os.path.join(root, records.DATASET_INFO), "w") as f:
+    json.dump(info, f)
+  with pytest.raises(records.RecordError, match="num_clips=4 but the shards hold 6 records"):
+    ip.ClipSource(root)
+  info["num_clips"] = 6
+  with open(os.path.join(root, records.DATASET_INFO), "w") as f:
+    json.dump(info, f)
+  src = ip.ClipSource(root)
+  assert src[4]["clip_id"] == "c0004"
+  with pytest.raises(records.RecordError, match=r"bad\.array_record\[1\]"):
+    src[5]
+  ds = ip.make_dataset(root, split="eval", global_batch_size=2, seed=0, max_tokens=3, process_index=0,
+                       process_count=1)
+  with pytest.raises(records.RecordError, match=r"bad\.array_record\[1\]"):
+    list(ds)
+  with pytest.raises(records.RecordError, match=r"bad\.array_record\[1\]"):
+    ip.read_metadata(root)
+
+
+def test_wrong_shape_record_names_field(tmp_path):
+  root = str(tmp_path)
+  clip = make_clip(0, 3)
+  clip["visual"] = clip["visual"][:5]
+  write_dataset(root, [clip], num_shards=1)
+  with pytest.raises(records.RecordError, match=r"clips-00000-of-00001\.array_record\[0\].*'visual'"):
+    ip.ClipSource(root)[0]
+
+
+@pytest.mark.parametrize("manifest", [None, "ordered", "reversed"])
+def test_filters(tmp_path, manifest):
+  root = str(tmp_path)
+  write_dataset(root, [make_clip(i, 3) for i in range(12)], num_shards=3, manifest=manifest)
+  rows = ip.read_metadata(root)
+  assert [r["clip_id"] for r in rows] == [f"c{i:04d}" for i in range(12)]
+  assert (rows[4]["shard"], rows[4]["position"]) == ("shards/clips-00001-of-00003.array_record", 0)
+  # Rows come from the manifest alone when it is in record order, else from the records themselves.
+  assert all(("num_tokens" in r) == (manifest != "ordered") for r in rows)
+
+  def labels(**flt):
+    src = ip.ClipSource(root, ip.RecordFilter(**flt))
+    return sorted(int(src[i]["label"]) for i in range(len(src)))
+
+  assert labels(clip_ids=["c0003", "c0007", "nope"]) == [3, 7]
+  assert labels(where={"speaker": ["s1"]}) == [1, 4, 7, 10]
+  assert labels(where_not={"speaker": ["s1", "s2"]}, exclude_clip_ids=["c0000"]) == [3, 6, 9]
+  assert labels(predicate=lambda r: r["label"] >= 9) == [9, 10, 11]
+  assert labels(where={"speaker": ["s1", "s9"]}) == [1, 4, 7, 10]  # fold lists may name absent speakers
+  with pytest.raises(ValueError, match=r"none of the where_not\['speaker'\] values \['S1', 'S2'\] matches"):
+    labels(where_not={"speaker": ["S1", "S2"]})
+  with pytest.raises(KeyError, match="'actor'"):
+    labels(where={"actor": ["s1"]})
+  if manifest:
+    assert labels(where={"extra": ["x1"]}) == [1, 3, 5, 7, 9, 11]  # a field only the manifest has
+  # The same filter through make_dataset and the spec mapping.
+  ds = ip.make_dataset({"path": root, "where": {"speaker": ["s0"]}}, split="eval", global_batch_size=8, seed=0,
+                       max_tokens=3, process_index=0, process_count=1)
+  lab, w = labels_and_weights(list(ds))
+  assert sorted(lab[w > 0]) == [0, 3, 6, 9]
+
+
+def test_split_from_dataset_info(tmp_path):
+  root = str(tmp_path)
+  write_dataset(root, [make_clip(i, 3) for i in range(6)], num_shards=1)
+  info = records.load_dataset_info(root)
+  info["splits"] = {"train": ["c0000", "c0002", "c0005"], "test": ["c0001"]}
+  with open(os.path.join(root, records.DATASET_INFO), "w") as f:
+    json.dump(info, f)
+  src = ip.ClipSource(root, ip.RecordFilter(split="train"))
+  assert [int(src[i]["label"]) for i in range(len(src))] == [0, 2, 5]
+  with pytest.raises(KeyError, match="valid"):
+    ip.ClipSource(root, ip.RecordFilter(split="valid"))
+
+
+def test_mixture_weights_respected(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  write_dataset(a, [make_clip(i, 3) for i in range(7)])
+  write_dataset(b, [make_clip(100 + i, 3) for i in range(5)], info_seed=1)
+  spec = [{"path": a, "weight": 3.0}, {"path": b, "weight": 1.0}]
+  ds = ip.make_dataset(spec, split="train", global_batch_size=8, seed=0, max_tokens=3, process_index=0,
+                       process_count=1)
+  lab = np.concatenate([x["label"] for x in take(ds, 25)])
+  frac = np.mean(lab < 100)
+  assert abs(frac - 0.75) < 0.03, frac
+  assert set(lab[lab < 100]) == set(range(7)) and set(lab[lab >= 100]) == set(range(100, 105))
+  ds = ip.make_dataset(spec, split="train", global_batch_size=8, seed=0, max_tokens=3, process_index=0,
+                       process_count=1, mixture=[1.0, 4.0])
+  assert abs(np.mean(np.concatenate([x["label"] for x in take(ds, 25)]) < 100) - 0.2) < 0.03
+  # Eval concatenates the sources.
+  lab, w = labels_and_weights(list(ip.make_dataset(spec, split="eval", global_batch_size=8, seed=0, max_tokens=3,
+                                                   process_index=0, process_count=1)))
+  assert sorted(lab[w > 0]) == list(range(7)) + list(range(100, 105))
+
+
+def test_mixture_of_incompatible_datasets_names_both(tmp_path, feat_dir, raw_dir):
+  with pytest.raises(ValueError, match=f"{raw_dir}.*{feat_dir}.*kind"):
+    ip.make_dataset([raw_dir, feat_dir], split="train", global_batch_size=2, seed=0, max_tokens=3,
+                    process_index=0, process_count=1)
+
+
+def test_spec_parsing(raw_dir):
+  [s] = ip.parse_spec(raw_dir)
+  assert s.path == raw_dir and s.weight == 1.0 and not s.filter.active()
+  specs = ip.parse_spec([{"path": raw_dir, "weight": 2, "clip_ids": ["c0001"]}, "tfds:crema_d/train"])
+  assert specs[0].weight == 2.0 and specs[0].filter.clip_ids == ["c0001"]
+  assert specs[1].path == "tfds:crema_d/train"
+  with pytest.raises(ValueError, match="unknown keys"):
+    ip.parse_spec({"path": raw_dir, "weigth": 2})
+
+
+def test_tfds_source_adapter(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  f = tfds.features
+
+  class AvtPipelineTestClips(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=f.FeaturesDict({
+              "clip_id": f.Text(), "dataset": f.Text(), "speaker": f.Text(), "session": f.Text(),
+              "label": f.Scalar(np.int32), "targets": f.Tensor(shape=(3,), dtype=np.float32),
+              "num_tokens": f.Scalar(np.int32), "audio": f.Tensor(shape=(None, FA), dtype=np.float32),
+              "visual": f.Tensor(shape=(None, S, S, 3), dtype=np.uint8)}),
+          metadata=tfds.core.MetadataDict(dataset_info=json.dumps(_raw_info(6, []))))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(6):
+        clip = make_clip(i, 3 + i)
+        yield clip["clip_id"], clip
+
+  AvtPipelineTestClips(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  spec = {"path": "tfds:avt_pipeline_test_clips/train", "data_dir": str(tmp_path), "where": {"speaker": ["s1"]}}
+  ds = ip.make_dataset(spec, split="eval", global_batch_size=2, seed=0, max_tokens=5, process_index=0,
+                       process_count=1)
+  [b] = list(ds)
+  assert sorted(b["label"]) == [1, 4]  # TFDS orders examples by a hash of their key
+  row = int(np.flatnonzero(b["label"] == 4)[0])
+  _assert_example({k: v[row] for k, v in b.items()}, _hand_example(make_clip(4, 7), _raw_info(6, []), 0, 5))
+  src = ip.TfdsClipSource("tfds:avt_pipeline_test_clips/train", str(tmp_path))
+  assert sorted(src[i]["clip_id"] for i in range(len(src))) == [f"c{i:04d}" for i in range(6)]
+  assert isinstance(src[0]["speaker"], str) and src[0]["label"].dtype == np.int32
+
+
+def test_face_target_is_the_quantity_of_the_dataset_statistics():
+  """target_mean/std in dataset_info.json are computed by data.extract; the pipeline must use the same target."""
+  extract = pytest.importorskip("data.extract")
+  frames = np.random.default_rng(4).integers(0, 256, size=(6 * 5, 64, 64, 3), dtype=np.uint8)
+  np.testing.assert_allclose(ip.face_target(frames.reshape(6, 5, 64, 64, 3), 8),
+                             extract.visual_targets(frames, 5, 8), atol=1e-6)
