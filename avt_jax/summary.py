@@ -88,7 +88,7 @@ def main(argv):
   config = flags.FLAGS.config
   train.validate_config(config)
   config = config.copy_and_resolve_references()
-  _, geometry = input_pipeline.open_sources(train.data_spec(config, "train"))
+  geometry = train.geometry_from_model(config) or input_pipeline.open_sources(train.data_spec(config, "train"))[1]
   with config.unlocked():
     train.fill_model_config(config, geometry)
   model = train.build_model(config)

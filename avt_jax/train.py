@@ -77,10 +77,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh size {mesh_devices}")
 
 
+def geometry_from_model(config) -> input_pipeline.Geometry | None:
+  """The input geometry implied by a features-kind model config with explicit widths, else None."""
+  a, v = config.model.audio_frontend, config.model.visual_frontend
+  if a.get("type") == v.get("type") == "features" and a.get("dim", 0) > 0 and v.get("dim", 0) > 0:
+    return input_pipeline.Geometry(kind="features", audio_frames=1, audio_dim=int(a.dim), visual_frames=1,
+                                   visual_dim=int(v.dim), visual_size=0, target_size=0)
+  return None
+
+
 def fill_model_config(config: ml_collections.ConfigDict, geometry: input_pipeline.Geometry) -> None:
   """Sets the frontends' types and the reconstruction target widths from the dataset geometry."""
   m = config.model
   with m.unlocked():
+    if m.size in avt.PRESETS:   # `--config.model.size=large` sets width, heads and layers; 'custom' keeps them.
+      m.update(avt.PRESETS[m.size])
+    elif m.size != "custom":
+      raise ValueError(f"config.model.size={m.size!r}; expected one of {sorted(avt.PRESETS)} or 'custom'")
     raw = geometry.kind == "raw"
     want_a, want_v = ("logmel", "face") if raw else ("features", "features")
     for key, want in (("audio_frontend", want_a), ("visual_frontend", want_v)):
@@ -98,6 +111,24 @@ def fill_model_config(config: ml_collections.ConfigDict, geometry: input_pipelin
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model, optimizer and the sharded train state.
+
+
+# Model switches that change the computation but not the parameters: a restored encoder silently accepts them.
+BEHAVIOUR_KEYS = ("causal", "padding_mask", "release_positions", "scan_layers")
+
+
+def warn_model_differences(init_from: str, model_cfg) -> list[str]:
+  """Logs a warning for each parameter-free model switch that differs from the run `init_from` was trained with."""
+  path = epath.Path(init_from) / "config.json"
+  if not path.exists():
+    return []
+  saved = json.loads(path.read_text())
+  saved = saved.get("model", saved)
+  diffs = [f"{k}: {saved[k]} there, {model_cfg.get(k)} here" for k in BEHAVIOUR_KEYS
+           if k in saved and saved[k] != model_cfg.get(k)]
+  for d in diffs:
+    logging.warning("model.%s differs from %s (the encoder was trained that way)", d, path)
+  return diffs
 
 
 def build_model(config) -> nn.Module:
@@ -504,6 +535,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state = dict(state, params=params)
       elif config.init_from:
         logging.info("initialising the encoder from %s", config.init_from)
+        warn_model_differences(config.init_from, config.model)
         enc = checkpointing.restore_encoder(config.init_from, abstract_state["params"]["encoder"])
         params = dict(state["params"], encoder=enc)
         state = dict(state, params=jax.device_put(params, state_shardings["params"]))
