@@ -1,0 +1,145 @@
+"""Clip ids, speakers, sessions and labels from each corpus' file naming conventions.
+
+| dataset | expected path | clip_id | speaker | session | label | targets |
+|---|---|---|---|---|---|---|
+| crema_d | `.../<Actor>_<Sentence>_<Emotion>_<Level>.flv` | stem | `crema_<Actor>` | "" | ANG DIS FEA HAP NEU SAD = 0..5 | NaN |
+| grid | `.../[sN/]<sentence>.mpg` | stem | `grid_sN` from the parent folder, else "" | "" | -1 | NaN |
+| voxceleb2 | `<root>/idXXXXX/<video>/<clip>.mp4` | `idXXXXX/<video>/<clip>` | `idXXXXX` | "" | -1 | NaN |
+| msp_improv | `.../sessionK/S01A/P/MSP-IMPROV-S01A-F01-P-FM01.avi` | stem | `msp_F01` | `sessionK` | A H S N = 0..3, else -1 | A, V, D from Evaluation.txt |
+| generic | anything | path relative to the input root, no suffix | "" | "" | -1 | NaN |
+
+`dataset="auto"` picks per file: CREMA-D names, MSP-IMPROV names, a VoxCeleb2 `idNNNNN/<video>/` layout, GRID
+sentence names (`bbaf2n`: command, colour, preposition, letter, digit, adverb), else generic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Mapping
+
+DATASETS = ("auto", "crema_d", "grid", "voxceleb2", "msp_improv", "generic")
+
+CREMA_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+CREMA_RE = re.compile(r"^(\d{4})_([A-Z]{3})_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]{1,2})$")
+GRID_RE = re.compile(r"(^|_)[blps][bgrw][abiw][a-z][0-9z][anps]$")
+GRID_SPEAKER_RE = re.compile(r"^s\d+$")
+VOX_ID_RE = re.compile(r"^id\d+$")
+MSP_EMOTIONS = ("A", "H", "S", "N")  # angry, happy, sad, neutral -> 0..3; O (other) and X (no agreement) -> -1
+MSP_RE = re.compile(r"^MSP-IMPROV-(S\d+[A-Z])-([MF])(\d+)-([A-Z])-([A-Z]{2}\d+)$")
+# Summary line of MSP-IMPROV's Evaluation.txt, e.g.
+# "UTD-IMPROV-S01A-F01-P-FM01.avi; A; A:3.000000; V:2.000000; D:3.000000 ; N:3.000000;"
+MSP_EVAL_RE = re.compile(r"^UTD-IMPROV-([A-Z0-9-]+)\.avi;\s*([A-Z]);\s*A:\s*([0-9.]+|NaN);\s*V:\s*([0-9.]+|NaN);"
+                         r"\s*D:\s*([0-9.]+|NaN)\s*;")
+
+NAN3 = (math.nan, math.nan, math.nan)
+
+
+class LabelError(ValueError):
+  """A file name does not follow the naming convention of the dataset it was declared to belong to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipMeta:
+  clip_id: str
+  dataset: str
+  speaker: str = ""
+  session: str = ""
+  label: int = -1
+  targets: tuple[float, float, float] = NAN3
+
+  def to_json(self) -> dict:
+    return dict(clip_id=self.clip_id, dataset=self.dataset, speaker=self.speaker, session=self.session,
+                label=self.label, targets=[None if math.isnan(t) else t for t in self.targets])
+
+
+def _stem(relpath: str) -> str:
+  return os.path.splitext(os.path.basename(relpath))[0]
+
+
+def detect_dataset(relpath: str) -> str:
+  """The dataset a file most likely belongs to, from its path relative to the input root."""
+  stem = _stem(relpath)
+  parts = relpath.replace(os.sep, "/").split("/")
+  if CREMA_RE.match(stem):
+    return "crema_d"
+  if MSP_RE.match(stem):
+    return "msp_improv"
+  if len(parts) >= 3 and VOX_ID_RE.match(parts[-3]):
+    return "voxceleb2"
+  if GRID_RE.search(stem):
+    return "grid"
+  return "generic"
+
+
+def read_msp_improv_labels(path: str) -> dict[str, tuple[str, tuple[float, float, float]]]:
+  """Parses MSP-IMPROV's Evaluation.txt: {"MSP-IMPROV-S01A-F01-P-FM01": (category, (A, V, D))}."""
+  out = {}
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      m = MSP_EVAL_RE.match(line.strip())
+      if m:
+        a, v, d = (float(x) for x in m.group(3, 4, 5))
+        out["MSP-IMPROV-" + m.group(1)] = (m.group(2), (a, v, d))
+  if not out:
+    raise LabelError(f"{path}: no MSP-IMPROV summary lines ('UTD-IMPROV-<name>.avi; <cat>; A:..; V:..; D:..') found")
+  return out
+
+
+@dataclasses.dataclass
+class Resolver:
+  """Maps a file (path relative to the input root) to its ClipMeta."""
+  dataset: str = "auto"
+  msp_labels: Mapping[str, tuple[str, tuple[float, float, float]]] | None = None
+
+  def __post_init__(self):
+    if self.dataset not in DATASETS:
+      raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {DATASETS}")
+
+  def __call__(self, relpath: str) -> ClipMeta:
+    relpath = relpath.replace(os.sep, "/")
+    dataset = detect_dataset(relpath) if self.dataset == "auto" else self.dataset
+    return getattr(self, "_" + dataset)(relpath)
+
+  def _crema_d(self, relpath: str) -> ClipMeta:
+    stem = _stem(relpath)
+    m = CREMA_RE.match(stem)
+    if not m:
+      raise LabelError(f"{relpath}: CREMA-D file names look like ActorID_Sentence_Emotion_Level "
+                       f"(e.g. 1001_DFA_ANG_XX) with Emotion in {CREMA_EMOTIONS}; got {stem!r}")
+    return ClipMeta(clip_id=stem, dataset="crema_d", speaker=f"crema_{m.group(1)}",
+                    label=CREMA_EMOTIONS.index(m.group(3)))
+
+  def _grid(self, relpath: str) -> ClipMeta:
+    parts = relpath.split("/")
+    parent = parts[-2] if len(parts) >= 2 else ""
+    speaker = f"grid_{parent}" if GRID_SPEAKER_RE.match(parent) else ""
+    return ClipMeta(clip_id=_stem(relpath), dataset="grid", speaker=speaker)
+
+  def _voxceleb2(self, relpath: str) -> ClipMeta:
+    parts = relpath.split("/")
+    if len(parts) < 3 or not VOX_ID_RE.match(parts[-3]):
+      raise LabelError(f"{relpath}: VoxCeleb2 files are expected at <root>/idXXXXX/<video>/<clip>.mp4")
+    clip_id = "/".join(parts[-3:-1] + [_stem(relpath)])
+    return ClipMeta(clip_id=clip_id, dataset="voxceleb2", speaker=parts[-3])
+
+  def _msp_improv(self, relpath: str) -> ClipMeta:
+    stem = _stem(relpath)
+    m = MSP_RE.match(stem)
+    if not m:
+      raise LabelError(f"{relpath}: MSP-IMPROV file names look like MSP-IMPROV-S01A-F01-P-FM01; got {stem!r}")
+    speaker = f"msp_{m.group(2)}{m.group(3)}"
+    session = f"session{int(m.group(3))}"
+    label, targets = -1, NAN3
+    if self.msp_labels is not None:
+      if stem not in self.msp_labels:
+        raise LabelError(f"{relpath}: {stem} has no entry in the MSP-IMPROV label file")
+      category, targets = self.msp_labels[stem]
+      label = MSP_EMOTIONS.index(category) if category in MSP_EMOTIONS else -1
+    return ClipMeta(clip_id=stem, dataset="msp_improv", speaker=speaker, session=session, label=label,
+                    targets=tuple(targets))
+
+  def _generic(self, relpath: str) -> ClipMeta:
+    return ClipMeta(clip_id=os.path.splitext(relpath)[0], dataset="generic")
