@@ -487,6 +487,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.mesh.get("rules"))
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key in ("batch_size", "eval_batch_size"):
+    if config.get(key, config.batch_size) % shards:
+      raise ValueError(f"config.{key}={config.get(key)} must be divisible by the batch shards of the mesh "
+                       f"(data x fsdp = {shards})")
 
   # --- Input.
   _, geometry = input_pipeline.open_sources(data_spec(config, "train"))
