@@ -2,10 +2,12 @@
 
   python -m avt_jax.main --config=configs/finetune_msp_improv.py --config.init_from=<pretraining workdir> ...
 
-Default data: the bundled sample with the stand-in ratings written by `python -m data.prepare` for clips without
-ratings? No: the sample has no ratings, so the default is the synthetic benchmark `avt_synth` when it has been
-generated (see README); set --config.data.train/eval/test to a prepared MSP-IMPROV directory for the real task.
-Variant `:tiny` for tests.
+Default data: the CREMA-D clips of the bundled sample with STAND-IN ratings (sample/crema_d_standin_ratings.csv:
+arousal / valence placed by the acted category's quadrant of the arousal-valence plane, not human ratings), so the
+default pretraining run's checkpoint can be fine-tuned here. A smoke run, not a benchmark. For the real task give a
+prepared MSP-IMPROV directory (python -m data.prepare --dataset=msp_improv) as data.train / eval / test with
+leave-one-session-out filters (configs/sweeps/msp_improv.py); for the synthetic benchmark see
+configs/finetune_synth.py. Variant `:tiny` for tests.
 """
 
 from avt_jax import config_lib
@@ -19,9 +21,15 @@ def get_config(arg: str = ""):
   c.loss.regression = "mse"              # or 'ccc' (1 - CCC of the batch)
   c.loss.target_indices = (0, 1)         # arousal, valence (dominance = 2)
   c.loss.target_names = ("arousal", "valence")
-  c.data.train = config_lib.SYNTH
-  c.data.eval = config_lib.SYNTH
-  c.data.test = config_lib.SYNTH
+  rated = {"where": {"dataset": ("crema_d",)}}
+  c.data.train = config_lib.SAMPLE
+  c.data.eval = config_lib.SAMPLE
+  c.data.test = config_lib.SAMPLE
+  c.data.train_filter = rated
+  c.data.eval_filter = rated
+  c.data.test_filter = rated
+  c.batch_size = 4
+  c.eval_batch_size = 4
   c.total_steps = 60
   c.eval_every_steps = 20
   c.checkpoint_every_steps = 20

@@ -143,3 +143,37 @@ class Resolver:
 
   def _generic(self, relpath: str) -> ClipMeta:
     return ClipMeta(clip_id=os.path.splitext(relpath)[0], dataset="generic")
+
+
+RATING_COLUMNS = ("arousal", "valence", "dominance")
+
+
+def read_ratings_csv(path: str) -> dict[str, tuple[float, float, float]]:
+  """{clip_id: (arousal, valence, dominance)} from a CSV with a clip_id column and any of the rating columns.
+
+  Missing columns or empty cells are NaN (unknown). Errors name the file, the line and the field.
+  """
+  import csv  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise LabelError(f"ratings file {path!r} does not exist")
+  out: dict[str, tuple[float, float, float]] = {}
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    fields = reader.fieldnames or []
+    if "clip_id" not in fields or not set(RATING_COLUMNS) & set(fields):
+      raise LabelError(f"{path}: expected a header with clip_id and some of {RATING_COLUMNS}, got {fields}")
+    for line, row in enumerate(reader, start=2):
+      cid = (row.get("clip_id") or "").strip()
+      if not cid:
+        raise LabelError(f"{path}:{line}: empty clip_id")
+      if cid in out:
+        raise LabelError(f"{path}:{line}: clip_id {cid!r} is rated twice")
+      values = []
+      for col in RATING_COLUMNS:
+        cell = (row.get(col) or "").strip()
+        try:
+          values.append(float(cell) if cell else float("nan"))
+        except ValueError:
+          raise LabelError(f"{path}:{line}: {col}={cell!r} is not a number") from None
+      out[cid] = tuple(values)
+  return out

@@ -68,6 +68,7 @@ class PrepareOptions:
   shard_size: int = 256  # input clips per shard
   shard_prefix: str = "clips"
   msp_labels: str = ""  # MSP-IMPROV Evaluation.txt (default: <input root>/Evaluation.txt when present)
+  ratings: str = ""  # CSV clip_id,arousal,valence[,dominance]: continuous targets that override the dataset's
   stop_after: int = 0  # >0: process at most this many clips, then stop as if interrupted (re-run to continue)
   config: extract_lib.ExtractConfig = extract_lib.ExtractConfig()
   progress: bool = True
@@ -132,6 +133,7 @@ def plan_tasks(options: PrepareOptions) -> tuple[str, list[Task]]:
   elif options.msp_labels:
     raise PrepareError(f"--msp_labels={options.msp_labels!r} does not exist")
   resolver = datasets_lib.Resolver(options.dataset, msp)
+  ratings = datasets_lib.read_ratings_csv(options.ratings) if options.ratings else {}
   tasks, seen = [], {}
   for i, group in enumerate(groups):
     paths = tuple(os.path.join(root, r) if r else "" for r in group)
@@ -152,7 +154,12 @@ def plan_tasks(options: PrepareOptions) -> tuple[str, list[Task]]:
                         ERROR))
       continue
     seen[meta.clip_id] = group[0]
+    if meta.clip_id in ratings:
+      meta = dataclasses.replace(meta, targets=ratings[meta.clip_id])
     tasks.append(Task(i, group, paths, meta))
+  unknown = sorted(set(ratings) - set(seen))
+  if unknown:
+    raise PrepareError(f"--ratings={options.ratings!r} rates clips that are not among the inputs: {unknown[:10]}")
   return root, tasks
 
 
@@ -174,6 +181,9 @@ def _plan_record(options: PrepareOptions, tasks: list[Task]) -> dict[str, Any]:
   inputs = [[list(t.relpaths), [os.path.getsize(p) if p else -1 for p in t.paths]] for t in tasks]
   plan = dict(version=PREPARE_VERSION, kind=options.kind, dataset=options.dataset, shard_size=options.shard_size,
               shard_prefix=options.shard_prefix, config=options.config.to_dict(), inputs=inputs)
+  if options.ratings:  # Kept out of the digest when unused, so earlier outputs stay valid.
+    plan["ratings"] = [[t.meta.clip_id, list(t.meta.targets)] for t in tasks if t.meta is not None
+                       and not all(math.isnan(x) for x in t.meta.targets)]
   plan["digest"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
   return plan
 
@@ -520,6 +530,8 @@ def _define_flags():
   f.DEFINE_integer("shard_size", 256, "Input clips per shard.")
   f.DEFINE_string("shard_prefix", "clips", "Shard file name prefix (e.g. train).")
   f.DEFINE_string("msp_labels", "", "MSP-IMPROV Evaluation.txt (default <input root>/Evaluation.txt).")
+  f.DEFINE_string("ratings", "", "CSV with a clip_id column and arousal / valence / dominance columns: continuous "
+                  "targets for those clips (overriding the dataset's own).")
   f.DEFINE_integer("stop_after", 0, "Process at most this many clips, then stop (re-run to continue).")
   f.DEFINE_float("token_rate", 5.0, "Tokens per second.")
   f.DEFINE_float("fps", 25.0, "Video frame rate after resampling.")
@@ -545,7 +557,8 @@ def options_from_flags(FLAGS) -> PrepareOptions:
                                min_detection_rate=FLAGS.min_face_rate, margin=FLAGS.face_margin))
   return PrepareOptions(input=FLAGS.input, output=FLAGS.output, dataset=FLAGS.dataset, kind=FLAGS.kind,
                         workers=FLAGS.workers, strict=FLAGS.strict, shard_size=FLAGS.shard_size,
-                        shard_prefix=FLAGS.shard_prefix, msp_labels=FLAGS.msp_labels, stop_after=FLAGS.stop_after,
+                        shard_prefix=FLAGS.shard_prefix, msp_labels=FLAGS.msp_labels, ratings=FLAGS.ratings,
+                        stop_after=FLAGS.stop_after,
                         config=config, progress=FLAGS.progress)
 
 

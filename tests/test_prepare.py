@@ -265,3 +265,39 @@ def test_bundled_sample_is_consistent():
     row = next(r for f, r in rows.items() if os.path.splitext(os.path.basename(f))[0] == ex["clip_id"])
     assert int(ex["label"]) == labels[row["label"]]
     assert ex["visual"].shape[0] == 5 * int(ex["num_tokens"]) and ex["audio"].shape[0] == 20 * int(ex["num_tokens"])
+
+
+# ---- Continuous ratings from a CSV (--ratings) ----
+
+def test_bundled_sample_carries_the_standin_ratings():
+  import csv as csv_lib
+  from avt_jax import records as records_lib
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(repo, "sample", "crema_d_standin_ratings.csv")) as f:
+    want = {r["clip_id"]: (float(r["arousal"]), float(r["valence"])) for r in csv_lib.DictReader(f)}
+  info = records_lib.load_dataset_info(os.path.join(repo, "sample", "prepared"))
+  got = {}
+  for shard in records_lib.shard_paths(os.path.join(repo, "sample", "prepared"), info):
+    for rec in records_lib.read_shard(shard):
+      got[rec["clip_id"]] = rec["targets"]
+  for cid, (a, v) in want.items():
+    assert got[cid][0] == a and got[cid][1] == v and np.isnan(got[cid][2])
+  assert all(np.isnan(t).all() for cid, t in got.items() if cid not in want)
+
+
+def test_ratings_csv_errors_name_file_line_and_field(tmp_path):
+  from data import datasets as datasets_lib
+  bad = tmp_path / "r.csv"
+  bad.write_text("clip_id,arousal,valence\na,1.0,2\nb,high,3\n")
+  with pytest.raises(datasets_lib.LabelError, match=r"r.csv:3: arousal='high' is not a number"):
+    datasets_lib.read_ratings_csv(str(bad))
+  bad.write_text("id,arousal\nx,1\n")
+  with pytest.raises(datasets_lib.LabelError, match="expected a header with clip_id"):
+    datasets_lib.read_ratings_csv(str(bad))
+  bad.write_text("clip_id,valence\nx,1\nx,2\n")
+  with pytest.raises(datasets_lib.LabelError, match="rated twice"):
+    datasets_lib.read_ratings_csv(str(bad))
+  ok = tmp_path / "ok.csv"
+  ok.write_text("clip_id,valence\nx,2.5\n")
+  got = datasets_lib.read_ratings_csv(str(ok))["x"]
+  assert np.isnan(got[0]) and got[1] == 2.5 and np.isnan(got[2])

@@ -197,3 +197,15 @@ def test_finetune_from_pretraining_run_logs_classification_metrics(uninterrupted
     assert key in final
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert any(r["split"] == "eval" and "accuracy" in r for r in rows)
+
+
+def test_finetune_regression_from_pretraining_run_logs_ccc(uninterrupted, tmp_path):
+  wd = str(tmp_path / "ft_msp")
+  proc = subprocess.run(
+      [sys.executable, "-m", "avt_jax.main", f"--config={REPO}/configs/finetune_msp_improv.py:tiny",
+       f"--config.compilation_cache_dir={CACHE}", f"--config.init_from={uninterrupted}", f"--workdir={wd}"],
+      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  final = json.load(open(os.path.join(wd, "final_metrics.json")))
+  for key in ("test/ccc_arousal", "test/ccc_valence", "test/ccc_mean", "eval/ccc_arousal"):
+    assert key in final and np.isfinite(final[key]) and -1.0 <= final[key] <= 1.0
