@@ -442,6 +442,11 @@ class BestCheckpoint:
     return out
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jax.tree.reduce(lambda acc, x: acc & jnp.all(jnp.isfinite(x)), tree, jnp.asarray(True))
+
+
 def _finite(x) -> bool:
   return bool(np.all(np.isfinite(np.asarray(x))))
 
@@ -584,7 +589,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     while step < config.total_steps:
       if stop.event.is_set() or manager.reached_preemption(step):
         logging.warning("stopping at step %d on request; saving", step)
-        if step > start and _finite(jax.device_get(out["loss"])):
+        if step > start and _finite(jax.device_get(out["loss"])) and bool(all_finite(state["params"])):
           checkpointing.save(manager, step, state, train_iter, force=True)
         manager.wait_until_finished()
         result["preempted_at"] = step
@@ -617,9 +622,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       do_ckpt = is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if do_ckpt:
         loss = jax.device_get(out["loss"])
-        if not _finite(loss):
-          raise TrainingError(f"loss is {loss} at step {step}; not saving. The last good checkpoint "
-                              f"(step {manager.latest_step()}) is kept in {manager.directory}")
+        if not _finite(loss) or not bool(all_finite(state["params"])):
+          raise TrainingError(f"loss is {loss} at step {step} (or the parameters are no longer finite); not saving. "
+                              f"The last good checkpoint (step {manager.latest_step()}) is kept in {manager.directory}")
         checkpointing.save(manager, step, state, train_iter, force=True)
       if do_eval or do_ckpt:
         t_log, steps_since = time.time(), 0  # Throughput counts training time only.

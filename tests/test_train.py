@@ -209,3 +209,18 @@ def test_finetune_regression_from_pretraining_run_logs_ccc(uninterrupted, tmp_pa
   final = json.load(open(os.path.join(wd, "final_metrics.json")))
   for key in ("test/ccc_arousal", "test/ccc_valence", "test/ccc_mean", "eval/ccc_arousal"):
     assert key in final and np.isfinite(final[key]) and -1.0 <= final[key] <= 1.0
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path / "nan")
+  # An absurd learning rate drives the parameters to inf within a few steps.
+  proc = subprocess.run(_cmd(wd, "--config.optimizer.lr=1e35", "--config.optimizer.schedule=constant",
+                             "--config.total_steps=30", "--config.log_every_steps=1",
+                             "--config.checkpoint_every_steps=1", "--config.eval_every_steps=0"),
+                        env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "TrainingError" in proc.stderr and "The last good checkpoint (step" in proc.stderr
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  assert steps and steps[-1] < 30
+  for x in jax.tree.leaves(_params(wd, steps[-1])):
+    assert np.isfinite(np.asarray(x)).all()
