@@ -40,7 +40,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
 
   c.model = model_config("base")
   c.model.audio_frontend = dict(type="auto", dim=0, channels=(128, 128))
-  c.model.visual_frontend = dict(type="auto", dim=0, channels=(32, 64, 128))
+  c.model.visual_frontend = dict(type="auto", dim=0, channels=(16, 32, 64))
 
   c.data = ml_collections.ConfigDict()
   c.data.train = SAMPLE             # prepared dir, 'tfds:<name>/<split>', a mapping or a list (mixture)

@@ -33,6 +33,10 @@ def _should_initialize_distributed() -> bool:
 def initialize_distributed() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   env = os.environ
+  # Processes on CPU need a collectives backend for cross-process computations (gloo ships with jaxlib). The
+  # option only concerns the CPU client, so GPU and TPU runs are unaffected.
+  if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if "AVT_COORDINATOR" in env:
     jax.distributed.initialize(coordinator_address=env["AVT_COORDINATOR"],
                                num_processes=int(env["AVT_NUM_PROCESSES"]),

@@ -59,7 +59,7 @@ class LogMelFrontend(nn.Module):
 
 class FaceFrontend(nn.Module):
   width: int
-  channels: Sequence[int] = (32, 64, 128)
+  channels: Sequence[int] = (16, 32, 64)
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -89,5 +89,5 @@ def make_frontend(cfg, width: int, dtype: Dtype, name: str) -> nn.Module:
   if kind == "logmel":
     return LogMelFrontend(width, channels=tuple(cfg.get("channels", (128, 128))), dtype=dtype, name=name)
   if kind == "face":
-    return FaceFrontend(width, channels=tuple(cfg.get("channels", (32, 64, 128))), dtype=dtype, name=name)
+    return FaceFrontend(width, channels=tuple(cfg.get("channels", (16, 32, 64))), dtype=dtype, name=name)
   raise ValueError(f"unknown frontend type {kind!r} for {name}; expected one of features, logmel, face")
