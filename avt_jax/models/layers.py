@@ -26,6 +26,12 @@ def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(init, names)
 
 
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  """LayerNorm with the release's epsilon (1e-5) and logical axis names on its parameters."""
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name, scale_init=logical(nn.initializers.ones, ("embed",)),
+                      bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
 def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
   """Table of sinusoidal embeddings for positions 0..num_positions-1; row 0 (padding) is zero.
 
@@ -158,9 +164,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, x_k, x_v, mask, deterministic: bool):
     width = x.shape[-1]
-    ln0 = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_attention",
-                       scale_init=logical(nn.initializers.ones, ("embed",)),
-                       bias_init=logical(nn.initializers.zeros, ("embed",)))
+    ln0 = layer_norm("ln_attention", self.dtype)
     h = ln0(x)
     if x_k is None:
       k = v = h
@@ -170,9 +174,7 @@ class EncoderLayer(nn.Module):
                            name="attention")(h, k, v, mask, deterministic)
     h = nn.Dropout(self.residual_dropout)(h, deterministic=deterministic)
     x = x + h
-    h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_mlp",
-                     scale_init=logical(nn.initializers.ones, ("embed",)),
-                     bias_init=logical(nn.initializers.zeros, ("embed",)))(x)
+    h = layer_norm("ln_mlp", self.dtype)(x)
     h = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, name="fc1",
                  kernel_init=logical(default_kernel_init, ("embed", "mlp")),
                  bias_init=logical(nn.initializers.zeros, ("mlp",)))(h)
@@ -230,9 +232,7 @@ class Encoder(nn.Module):
       layer_cls = nn.remat(EncoderLayer, static_argnums=(5,)) if self.remat else EncoderLayer
       for i in range(self.num_layers):
         x = layer_cls(*args, name=f"layer_{i}")(x, x_k, x_v, mask, deterministic)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final",
-                        scale_init=logical(nn.initializers.ones, ("embed",)),
-                        bias_init=logical(nn.initializers.zeros, ("embed",)))(x)
+    return layer_norm("ln_final", self.dtype)(x)
 
 
 class ScanLayer(EncoderLayer):
