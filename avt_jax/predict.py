@@ -1,0 +1,415 @@
+r"""Emotion predictions for new videos with a fine-tuned run.
+
+  python -m avt_jax.predict --workdir=<fine-tuned run> --video=<file or folder> [--output=predictions.json]
+      [--timeline=timeline.png] [--window_tokens=N] [--hop_tokens=N] [--dataset_info=<dir or json>]
+
+What happens, per video:
+  1. the run's config.json gives the model, the task and the training data; the parameters are those of the
+     checkpoint selected on validation (<workdir>/best, else the newest checkpoint);
+  2. the training data's dataset_info.json gives the extraction parameters (token rate, frame rate, face crop
+     size, face-tracker settings, log-mel settings, decoder size limit) and the normalisation statistics; the video
+     goes through the same extraction as `python -m data.prepare` (data.extract.extract_raw) and the same per-clip
+     transform as evaluation (avt_jax.input_pipeline.ClipTransform);
+  3. the clip is cut into windows of `window_tokens` tokens (default: the run's data.max_tokens, 5 tokens per
+     second) starting every `hop_tokens` tokens (default: the window length, i.e. no overlap); when the windows
+     do not reach the end of the clip, one more window ends exactly at the last token. A clip shorter than one
+     window is a single (zero-padded, masked) window, as in training;
+  4. classification: softmax probabilities per window and their mean over the windows (the clip-level result),
+     with class names (config `class_names` if the run has them, CREMA-D's ANG DIS FEA HAP NEU SAD for 6
+     classes); regression: the predicted attributes per window and their mean, named by config.loss.target_names.
+
+The JSON (printed, and written atomically to --output) holds one entry per video. A video that cannot be used
+(no face, no audio stream, no video stream, unreadable, too short) is reported with the file and the reason on
+stderr and in the JSON ("error"); the exit status is then 1. --timeline writes a PNG of the per-window
+probabilities / values over time (for a folder: one PNG per video, in the --timeline directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from avt_jax import records
+from data import extract as extract_lib
+from data import face as face_lib
+from data import logmel as logmel_lib
+from data import media as media_lib
+
+CREMA_D_CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+MSP_IMPROV_CLASSES = ("A", "H", "S", "N")  # data.prepare's MSP-IMPROV labels 0..3
+DATASET_CLASSES = {"crema_d": CREMA_D_CLASSES, "msp_improv": MSP_IMPROV_CLASSES}
+
+# Reason prefixes of the clip errors (data.media / data.face / data.extract), so a message always says what is wrong.
+_CATEGORIES = ((face_lib.NoFaceError, "no face"), (media_lib.NoAudioStreamError, "no audio stream"),
+               (media_lib.NoVideoStreamError, "no video stream"), (media_lib.CorruptMediaError, "unreadable"),
+               (extract_lib.TooShortError, "too short"))
+
+
+class PredictError(RuntimeError):
+  """The run or a video cannot be used; the message names the file and the reason."""
+
+
+def clip_error_message(e: media_lib.ClipError) -> str:
+  """'<path>: <category>: <reason>' for a clip error (the category is left out when the reason starts with it)."""
+  category = next((c for cls, c in _CATEGORIES if isinstance(e, cls)), "cannot be used")
+  reason = e.reason
+  text = reason if reason.lower().startswith(category) else f"{category}: {reason}"
+  return f"{e.path}: {text}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run, data info and extraction parameters.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tuples(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def load_run_config(workdir: str):
+  """The run's config.json as an ml_collections ConfigDict (lists as tuples, like the config files)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise PredictError(f"{path}: not found; --workdir must be a fine-tuning run directory (python -m avt_jax.main "
+                       f"with configs/finetune_*.py)")
+  try:
+    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise PredictError(f"{path}: not a valid run config ({e})") from e
+  if config.get("mode") == "pretrain" or config.get("task") not in ("classification", "regression"):
+    raise PredictError(f"{path}: mode={config.get('mode')!r}, task={config.get('task')!r}; predictions need a "
+                       f"fine-tuned run (classification or regression)")
+  return config
+
+
+def load_training_info(config, override: str = "") -> dict[str, Any]:
+  """dataset_info.json of the run's training data (or of `override`: a prepared directory or a json file)."""
+  if override:
+    path = os.path.join(override, records.DATASET_INFO) if os.path.isdir(override) else override
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise PredictError(f"--dataset_info={override!r}: cannot read {path} ({e})") from e
+  from avt_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  spec = train.data_spec(config, "train")
+  try:
+    if isinstance(spec, str) and not spec.startswith(input_pipeline.TFDS_PREFIX):
+      return records.load_dataset_info(spec)
+    return input_pipeline.spec_info(spec)
+  except (OSError, KeyError, ValueError) as e:
+    raise PredictError(f"cannot read the training data's dataset_info.json for data.train={spec!r} ({e}); it "
+                       f"holds the normalisation statistics and extraction parameters: give --dataset_info="
+                       f"<prepared dir or dataset_info.json>") from e
+
+
+def extract_config_from_info(info: Mapping[str, Any]) -> extract_lib.ExtractConfig:
+  """The ExtractConfig that produced a raw-kind dataset (data.prepare writes every parameter into its info)."""
+  if info.get("kind") != "raw":
+    raise PredictError(f"the run was trained on kind={info.get('kind')!r} data (precomputed features); predictions "
+                       f"from video need a run trained on raw log-mel + face data")
+  a, v = info["audio"], info["visual"]
+  ext = info.get("extractors", {})
+  lm_fields = {f.name for f in dataclasses.fields(logmel_lib.LogMelConfig)}
+  logmel = logmel_lib.LogMelConfig(**{k: a[k] for k in lm_fields if k in a})
+  face_fields = {f.name for f in dataclasses.fields(face_lib.FaceConfig)}
+  face_params = {k: val for k, val in ext.get("face", {}).items() if k in face_fields}
+  face_params["size"] = int(v["size"])
+  config = extract_lib.ExtractConfig(
+      token_rate=float(info["token_rate"]), fps=float(v["fps"]), min_tokens=1,
+      target_size=int(v.get("target_size", 8)),
+      max_short_side=int(ext.get("decode_max_short_side", extract_lib.ExtractConfig.max_short_side)),
+      logmel=logmel, face=face_lib.FaceConfig(**face_params))
+  if (config.audio_frames_per_token, config.video_frames_per_token) != (int(a["frames_per_token"]),
+                                                                         int(v["frames_per_token"])):
+    raise PredictError(f"dataset_info.json: frames per token (audio {a['frames_per_token']}, visual "
+                       f"{v['frames_per_token']}) do not follow from its own parameters")
+  return config
+
+
+def class_names(config, info: Mapping[str, Any] | None = None) -> list[str]:
+  n = int(config.model.num_classes)
+  for where in (config, config.get("data", {}), config.get("model", {})):
+    names = where.get("class_names") if hasattr(where, "get") else None
+    if names and len(names) == n:
+      return [str(x) for x in names]
+  datasets = set((info or {}).get("datasets", {}))
+  flt = (config.data.get("train_filter") or {}).get("where", {}) if config.get("data") else {}
+  datasets = set(flt.get("dataset", ())) or datasets
+  known = [DATASET_CLASSES[d] for d in datasets if d in DATASET_CLASSES and len(DATASET_CLASSES[d]) == n]
+  if len(known) == 1:
+    return list(known[0])
+  if n == len(CREMA_D_CLASSES):
+    return list(CREMA_D_CLASSES)
+  return [f"class_{k}" for k in range(n)]
+
+
+def target_names(config) -> list[str]:
+  k = int(config.model.num_targets)
+  names = list(config.get("loss", {}).get("target_names", ()))
+  return [str(x) for x in names] if len(names) == k else [f"target_{j}" for j in range(k)]
+
+
+def windows(num_tokens: int, window: int, hop: int) -> list[tuple[int, int]]:
+  """(start, length) of the windows over a clip of `num_tokens` tokens.
+
+  Starts 0, hop, 2 hop, ... while a full window fits; if these do not reach the last token, one more full window
+  ends at it. A clip shorter than `window` gives one window of its own length.
+  """
+  if window < 1 or hop < 1:
+    raise ValueError(f"window ({window}) and hop ({hop}) must be >= 1")
+  if num_tokens < 1:
+    return []
+  if num_tokens <= window:
+    return [(0, num_tokens)]
+  starts = list(range(0, num_tokens - window + 1, hop))
+  if starts[-1] + window < num_tokens:
+    starts.append(num_tokens - window)
+  return [(s, window) for s in starts]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The predictor.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Predictor:
+  """Loads a fine-tuned run once; `predict(path)` returns the JSON-able result for one video."""
+
+  def __init__(self, workdir: str, *, window_tokens: int = 0, hop_tokens: int = 0, dataset_info: str = "",
+               batch_size: int = 8):
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import linen as nn  # pylint: disable=g-import-not-at-top
+    from avt_jax import checkpointing, input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+
+    self.workdir = workdir
+    self.config = config = load_run_config(workdir)
+    self.info = load_training_info(config, dataset_info)
+    self.extract_config = extract_config_from_info(self.info)
+    self.window = int(window_tokens or config.data.max_tokens)
+    self.hop = int(hop_tokens or self.window)
+    if self.window < 1 or self.hop < 1:
+      raise PredictError(f"--window_tokens={self.window} and --hop_tokens={self.hop} must be >= 1")
+    self.batch_size = max(1, int(batch_size))
+    self.task = config.task
+    self.names = class_names(config, self.info) if self.task == "classification" else target_names(config)
+    self.transform = input_pipeline.ClipTransform(self.info, self.window, train=False)
+    geometry = self.transform.geometry
+    self._padding = input_pipeline.zero_example(geometry, self.window)
+
+    model = train.build_model(config)
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    rules = sharding.rules_from_config(config.mesh.get("rules") if config.get("mesh") else None)
+    dummy = input_pipeline.dummy_batch(geometry, self.batch_size, self.window)
+    key = jax.random.key(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      boxed = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, dummy, deterministic=True))["params"]
+      shardings = sharding.logical_shardings(boxed, mesh, rules)
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              sharding.strip_boxes(boxed), shardings)
+      try:
+        self.params = checkpointing.restore_params(workdir, abstract, prefer_best=True)
+      except (FileNotFoundError, checkpointing.CheckpointMismatchError) as e:
+        raise PredictError(f"{workdir}: cannot restore the fine-tuned parameters: {e}") from e
+    self._mesh, self._rules = mesh, rules
+    self._apply = jax.jit(lambda p, b: model.apply({"params": p}, b, deterministic=True)["output"])
+    self.params_dir = str(checkpointing.resolve_state_dir(workdir, prefer_best=True))
+
+  def _run_model(self, examples: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import linen as nn  # pylint: disable=g-import-not-at-top
+    outs = []
+    for i in range(0, len(examples), self.batch_size):
+      chunk = list(examples[i:i + self.batch_size])
+      n = len(chunk)
+      chunk += [self._padding] * (self.batch_size - n)  # one compiled shape for every batch
+      batch = {k: np.stack([ex[k] for ex in chunk]) for k in chunk[0]}
+      with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+        out = np.asarray(self._apply(self.params, batch))
+      outs.append(out[:n])
+    return np.concatenate(outs).astype(np.float64)
+
+  def window_examples(self, clip: extract_lib.RawClip) -> tuple[list[tuple[int, int]], list[dict[str, np.ndarray]]]:
+    """The windows of an extracted clip and their model examples (normalised, padded to window_tokens)."""
+    geo = self.transform.geometry
+    ka, kv = geo.audio_frames, geo.visual_frames
+    wins = windows(clip.num_tokens, self.window, self.hop)
+    examples = []
+    for start, length in wins:
+      record = {"num_tokens": np.int32(length), "audio": clip.audio[start * ka:(start + length) * ka],
+                "visual": clip.visual[start * kv:(start + length) * kv], "label": np.int32(-1),
+                "targets": np.full((3,), np.nan, np.float32)}
+      examples.append(self.transform(record))
+    return wins, examples
+
+  def predict_clip(self, clip: extract_lib.RawClip, path: str = "") -> dict[str, Any]:
+    wins, examples = self.window_examples(clip)
+    out = self._run_model(examples)
+    rate = self.extract_config.token_rate
+    rows = []
+    if self.task == "classification":
+      probs = softmax(out)
+      mean = probs.mean(axis=0)
+      for (start, length), p in zip(wins, probs):
+        rows.append({"start_s": round(start / rate, 3), "end_s": round((start + length) / rate, 3),
+                     "tokens": int(length), "probabilities": {n: float(x) for n, x in zip(self.names, p)},
+                     "predicted": self.names[int(np.argmax(p))]})
+      clip_result = {"probabilities": {n: float(x) for n, x in zip(self.names, mean)},
+                     "predicted": self.names[int(np.argmax(mean))]}
+    else:
+      mean = out.mean(axis=0)
+      for (start, length), v in zip(wins, out):
+        rows.append({"start_s": round(start / rate, 3), "end_s": round((start + length) / rate, 3),
+                     "tokens": int(length), "values": {n: float(x) for n, x in zip(self.names, v)}})
+      clip_result = {"values": {n: float(x) for n, x in zip(self.names, mean)}}
+    return {"video": path, "num_tokens": int(clip.num_tokens), "duration_s": round(clip.num_tokens / rate, 3),
+            "face_detection_rate": clip.info.get("face_detection_rate"), "windows": rows, "clip": clip_result}
+
+  def predict(self, path: str) -> dict[str, Any]:
+    """Extracts and predicts one video; raises PredictError naming the file and the reason."""
+    if not os.path.isfile(path):
+      raise PredictError(f"{path}: no such file")
+    try:
+      clip = extract_lib.extract_raw(path, self.extract_config)
+    except media_lib.ClipError as e:
+      raise PredictError(clip_error_message(e)) from e
+    return self.predict_clip(clip, path)
+
+  def header(self) -> dict[str, Any]:
+    out = {"workdir": self.workdir, "params": self.params_dir, "task": self.task, "window_tokens": self.window,
+           "hop_tokens": self.hop, "token_rate": self.extract_config.token_rate}
+    out["class_names" if self.task == "classification" else "target_names"] = list(self.names)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timeline plot and the command line.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_timeline(result: Mapping[str, Any], path: str, title: str = "") -> str:
+  """PNG of per-window probabilities (classification) or values (regression) over time; atomic write."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = result["windows"]
+  key = "probabilities" if rows and "probabilities" in rows[0] else "values"
+  names = list(rows[0][key]) if rows else []
+  fig, ax = plt.subplots(figsize=(8, 3.5))
+  centres = [(r["start_s"] + r["end_s"]) / 2 for r in rows]  # each window is drawn at its centre
+  for name in names:
+    ax.plot(centres, [r[key][name] for r in rows], marker="o", label=name, linewidth=2)
+  ax.set_xlabel("time (s)")
+  ax.set_ylabel("probability" if key == "probabilities" else "predicted value")
+  if key == "probabilities":
+    ax.set_ylim(0, 1)
+  ax.set_title(title or os.path.basename(str(result.get("video", ""))))
+  ax.legend(loc="upper right", fontsize="small", ncol=min(len(names), 6))
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+def list_videos(path: str) -> list[str]:
+  """The media files of a folder (recursive, sorted), or [path] for a file."""
+  if os.path.isdir(path):
+    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                   if f.lower().endswith(media_lib.MEDIA_SUFFIXES))
+    if not found:
+      raise PredictError(f"{path}: folder has no media files ({', '.join(media_lib.MEDIA_SUFFIXES)})")
+    return found
+  if not os.path.exists(path):
+    raise PredictError(f"{path}: no such file or folder")
+  return [path]
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def run(workdir: str, video: str, *, output: str = "", timeline: str = "", window_tokens: int = 0,
+        hop_tokens: int = 0, dataset_info: str = "", batch_size: int = 8, err=None) -> tuple[dict[str, Any], int]:
+  """Predicts every video; returns (the JSON document, exit status: 0, or 1 if any video failed)."""
+  err = err or sys.stderr
+  videos = list_videos(video)
+  predictor = Predictor(workdir, window_tokens=window_tokens, hop_tokens=hop_tokens, dataset_info=dataset_info,
+                        batch_size=batch_size)
+  folder = os.path.isdir(video)
+  results, failed = [], 0
+  for path in videos:
+    try:
+      result = predictor.predict(path)
+    except PredictError as e:
+      print(f"error: {e}", file=err)
+      results.append({"video": path, "error": str(e)})
+      failed += 1
+      continue
+    if timeline:
+      stem = os.path.splitext(os.path.relpath(path, video))[0].replace(os.sep, "_") if folder else ""
+      png = os.path.join(timeline, stem + ".png") if folder else timeline
+      result["timeline"] = write_timeline(result, png)
+    results.append(result)
+  doc = {**predictor.header(), "videos": results}
+  if output:
+    _write_json_atomic(output, doc)
+  return doc, (1 if failed else 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m avt_jax.predict", description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="Fine-tuning run directory (config.json, best/).")
+  parser.add_argument("--video", required=True, help="A media file, or a folder searched recursively.")
+  parser.add_argument("--output", default="", help="Also write the JSON here.")
+  parser.add_argument("--timeline", default="", help="PNG path (a directory when --video is a folder).")
+  parser.add_argument("--window_tokens", type=int, default=0, help="Window length in tokens (0: data.max_tokens).")
+  parser.add_argument("--hop_tokens", type=int, default=0, help="Window start spacing (0: the window length).")
+  parser.add_argument("--dataset_info", default="",
+                      help="Training data's prepared dir or dataset_info.json (default: from the run's config).")
+  parser.add_argument("--batch_size", type=int, default=8, help="Windows per model call.")
+  args = parser.parse_args(argv)
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.ERROR)  # checkpoint-library chatter would bury the result
+  try:
+    doc, status = run(args.workdir, args.video, output=args.output, timeline=args.timeline,
+                      window_tokens=args.window_tokens, hop_tokens=args.hop_tokens, dataset_info=args.dataset_info,
+                      batch_size=args.batch_size)
+  except PredictError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps(doc, indent=1))
+  return status
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Launchers: training runs on clusters and TPU VMs, and fine-tuning sweeps (launch/sweep.py)."""
