@@ -1,0 +1,701 @@
+r"""Fine-tuning sweeps: folds x label fractions x seeds x init (pretrained / scratch) x learning rates.
+
+  python -m launch.sweep --sweep=configs/sweeps/synth_table.py --workdir=<dir> [--dry_run] [--only=<substring>]
+      [--noplots] [--aggregate_only]
+
+A sweep file is a python module whose get_sweep() returns a dict:
+  config     base fine-tuning config file[:variant] (relative to the repository root or absolute)
+  pretrain   optional: {"config": <file[:variant]>, "overrides": {...}} run first, once, in <workdir>/pretrain
+             (its workdir is the init_from of the "pretrained" arm), or {"init_from": <existing run / checkpoint>}
+  folds      folds file (data/folds/<dataset>.json); fold_names: optional subset of its folds (default: all)
+  subsets    label-fraction subsets file (`python -m data.folds subsets`); None = written to <workdir>/subsets.json
+             from the training data's manifest.jsonl with the sweep's fractions and seeds
+  fractions, seeds, inits ("pretrained" and/or "scratch"), lrs: the axes
+  overrides  fixed config overrides, dotted keys ({"total_steps": 300, "data.train": <dir>, ...})
+  name       optional title of the results table
+
+Each run is `python -m avt_jax.main --config=configs/sweeps/run.py:<run dir>/run.json --workdir=<run dir>` with
+<run dir> = <workdir>/runs/<fold>_frac<percent>_seed<seed>_<init>_lr<lr>; run.json holds the base config and every
+override (fold filters, subset clip ids, seed, learning rate, init_from). Runs execute one after another; a run
+whose final_metrics.json exists is skipped (an interrupted run resumes from its own checkpoint, since the trainer
+resumes); a finished run whose run.json no longer matches the sweep is an error (use a new --workdir). With
+--dry_run the run files are written and the commands printed (e.g. for a cluster), nothing is trained.
+
+Then <workdir>/results.csv (one row per run) and <workdir>/results.md: per label fraction and init, test metrics
+at the validation-selected checkpoint, mean +- sample std (ddof=1) over folds x seeds, at the learning rate whose
+mean validation value of select_metric (over the group's folds x seeds) is highest (ties: the smaller rate); the
+test split never influences any choice. The pretrained - scratch row is the mean +- std of the paired
+differences (same fold, seed and fraction, each arm at its chosen rate). Plots in <workdir>/plots/: validation
+curves, confusion matrices (classification) or predicted-vs-true scatter (regression) from each run's
+predictions.npz (written by `predict_run` after the run: test split, selected checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_CONFIG = os.path.join("configs", "sweeps", "run.py")
+INITS = ("pretrained", "scratch")
+FINAL = "final_metrics.json"
+RUN_SPEC = "run.json"
+LAUNCH_RECORD = "launch.json"
+PREDICTIONS = "predictions.npz"
+CLASSIFICATION_METRICS = (("accuracy", "accuracy"), ("uar", "UAR"), ("macro_f1", "macro-F1"))
+
+
+class SweepError(ValueError):
+  """The sweep file or the state of the sweep directory is not as expected."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config files and run configs.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve(path: str) -> str:
+  return path if os.path.isabs(path) else os.path.join(REPO, path)
+
+
+def _load_module(path: str, name: str):
+  path = resolve(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(config: str):
+  """get_config(variant) of a config file given as 'path[:variant]'."""
+  path, _, variant = config.partition(":")
+  module = _load_module(path, "_sweep_config_" + os.path.basename(path).replace(".", "_"))
+  if not hasattr(module, "get_config"):
+    raise SweepError(f"{path} has no get_config(): not an ml_collections config file")
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _as_config_value(value: Any) -> Any:
+  """JSON value -> config value: lists become tuples (configs hold tuples), recursively."""
+  if isinstance(value, list):
+    return tuple(_as_config_value(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _as_config_value(v) for k, v in value.items()}
+  return value
+
+
+NEW_KEYS = ("data.train_filter", "data.eval_filter", "data.test_filter")  # May be absent from a base config.
+
+
+def apply_overrides(config, overrides: Mapping[str, Any]):
+  """Sets dotted keys ('optimizer.lr') of an ml_collections config. Unknown keys are errors (a typo would
+  otherwise be ignored by the trainer), except the data filters of NEW_KEYS."""
+  for key, value in overrides.items():
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+      if part not in node and not (i == len(parts) - 1 and key in NEW_KEYS):
+        raise SweepError(f"override {key!r}: the config has no field {'.'.join(parts[:i + 1])!r}")
+      if i < len(parts) - 1:
+        node = node[part]
+    value = _as_config_value(value)
+    try:
+      if parts[-1] in node and value is not None and isinstance(node[parts[-1]], float) and isinstance(value, int):
+        value = float(value)
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise SweepError(f"override {key}={value!r}: {e}") from e
+  return config
+
+
+def build_config(run_spec: Mapping[str, Any] | str):
+  """The ml_collections config of one run: its base config file with the run's overrides (run.json or dict)."""
+  if isinstance(run_spec, str):
+    with open(run_spec) as f:
+      run_spec = json.load(f)
+  config = load_config_file(run_spec["config"])
+  return apply_overrides(config, run_spec.get("overrides", {}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweep expansion.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  fold: str
+  fraction: float
+  seed: int
+  init: str
+  lr: float
+  spec: dict  # run.json content
+
+  def dir(self, workdir: str) -> str:
+    return os.path.join(workdir, "runs", self.name)
+
+
+def run_name(fold: str, fraction: float, seed: int, init: str, lr: float) -> str:
+  return f"{fold}_frac{int(round(fraction * 100)):03d}_seed{seed}_{init}_lr{lr:.0e}"
+
+
+def load_sweep(path: str) -> dict[str, Any]:
+  module = _load_module(path, "_sweep_" + os.path.basename(path).replace(".", "_"))
+  if not hasattr(module, "get_sweep"):
+    raise SweepError(f"{path} has no get_sweep()")
+  sweep = dict(module.get_sweep())
+  sweep.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+  for key in ("config", "folds", "fractions", "seeds", "lrs"):
+    if key not in sweep:
+      raise SweepError(f"{path}: get_sweep() lacks {key!r}")
+  sweep.setdefault("inits", INITS)
+  sweep.setdefault("overrides", {})
+  sweep.setdefault("pretrain", None)
+  sweep.setdefault("subsets", None)
+  bad = [i for i in sweep["inits"] if i not in INITS]
+  if bad:
+    raise SweepError(f"{path}: inits {bad} not in {INITS}")
+  if "pretrained" in sweep["inits"] and not sweep["pretrain"]:
+    raise SweepError(f"{path}: the 'pretrained' arm needs pretrain={{'config': ...}} or {{'init_from': ...}}")
+  for f in sweep["fractions"]:
+    if not 0 < float(f) <= 1:
+      raise SweepError(f"{path}: fraction {f} must be in (0, 1]")
+  return sweep
+
+
+def pretrain_dir(sweep: Mapping[str, Any], workdir: str) -> str | None:
+  p = sweep.get("pretrain")
+  if not p:
+    return None
+  if p.get("init_from"):
+    return resolve(p["init_from"])
+  return os.path.join(os.path.abspath(workdir), "pretrain")
+
+
+def pretrain_spec(sweep: Mapping[str, Any]) -> dict | None:
+  p = sweep.get("pretrain")
+  if not p or p.get("init_from"):
+    return None
+  return {"name": "pretrain", "config": p["config"], "overrides": dict(p.get("overrides", {}))}
+
+
+def subsets_path(sweep: Mapping[str, Any], workdir: str) -> str:
+  return resolve(sweep["subsets"]) if sweep.get("subsets") else os.path.join(os.path.abspath(workdir),
+                                                                               "subsets.json")
+
+
+def ensure_subsets(sweep: Mapping[str, Any], workdir: str, train_data: str, task: str = "classification",
+                   target_indices: Sequence[int] = (0, 1)) -> dict[str, Any]:
+  """Loads the sweep's subsets file; writes <workdir>/subsets.json first when the sweep names none.
+
+  The written subsets are stratified by class for classification and by binned targets for regression.
+  """
+  from data import folds as folds_lib  # pylint: disable=g-import-not-at-top
+  path = subsets_path(sweep, workdir)
+  if sweep.get("subsets") or os.path.exists(path):
+    return folds_lib.load_subsets(path)
+  rows = folds_lib.read_manifest(train_data)
+  data = folds_lib.make_subsets(rows, folds_lib.load_folds(resolve(sweep["folds"])),
+                                fractions=sorted({float(f) for f in sweep["fractions"]} | {1.0}),
+                                seeds=list(sweep["seeds"]), folds_name=sweep["folds"],
+                                stratify="label" if task == "classification" else "targets",
+                                target_indices=list(target_indices))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  folds_lib._write_json(path, data, indent=None)  # pylint: disable=protected-access
+  return data
+
+
+def expand(sweep: Mapping[str, Any], workdir: str, subsets: Mapping[str, Any] | None = None) -> list[Run]:
+  """Every run of the sweep, in a fixed order (fold, fraction, seed, init, lr)."""
+  from data import folds as folds_lib  # pylint: disable=g-import-not-at-top
+  folds = folds_lib.load_folds(resolve(sweep["folds"]))
+  names = list(sweep.get("fold_names") or [f["name"] for f in folds["folds"]])
+  init_from = pretrain_dir(sweep, workdir)
+  runs = []
+  for fold in names:
+    for fraction in sweep["fractions"]:
+      fraction = float(fraction)
+      for seed in sweep["seeds"]:
+        ids = None
+        if fraction < 1:
+          if subsets is None:
+            raise SweepError("fractions below 1 need a subsets file")
+          ids = folds_lib.subset_ids(subsets, fold, int(seed), fraction)
+        filters = folds_lib.fold_filters(folds, fold, ids)
+        for init in sweep["inits"]:
+          for lr in sweep["lrs"]:
+            overrides = dict(sweep["overrides"])
+            overrides.update({f"data.{k}": _jsonable(v) for k, v in filters.items()})
+            overrides.update({"seed": int(seed), "optimizer.lr": float(lr),
+                              "init_from": init_from if init == "pretrained" else ""})
+            name = run_name(fold, fraction, int(seed), init, float(lr))
+            spec = {"name": name, "config": sweep["config"], "overrides": overrides,
+                    "meta": {"fold": fold, "fraction": fraction, "seed": int(seed), "init": init, "lr": float(lr)}}
+            runs.append(Run(name, fold, fraction, int(seed), init, float(lr), spec))
+  if len({r.name for r in runs}) != len(runs):
+    raise SweepError("run names are not unique (repeated fold, fraction, seed or lr?)")
+  return runs
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, Mapping):
+    return {k: _jsonable(v) for k, v in value.items()}
+  return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Execution.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def command(run_dir: str) -> list[str]:
+  """The trainer command of a run directory holding run.json."""
+  return [sys.executable, "-m", "avt_jax.main", f"--config={os.path.join(REPO, RUN_CONFIG)}:"
+          f"{os.path.join(run_dir, RUN_SPEC)}", f"--workdir={run_dir}"]
+
+
+def write_spec(run_dir: str, spec: Mapping[str, Any]) -> None:
+  """Writes run.json; refuses if the run was started (or finished) under a different spec."""
+  path = os.path.join(run_dir, RUN_SPEC)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    started = set(os.listdir(run_dir)) - {RUN_SPEC}
+    if old != json.loads(json.dumps(spec)) and started:
+      changed = sorted(k for k in set(old.get("overrides", {})) | set(spec.get("overrides", {}))
+                       if old.get("overrides", {}).get(k) != spec.get("overrides", {}).get(k))
+      if old.get("config") != spec.get("config"):
+        changed.insert(0, "config")
+      raise SweepError(f"{run_dir} was started with a different spec (changed: {changed[:8]}); use a new "
+                       f"--workdir or delete that run")
+  os.makedirs(run_dir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(spec, f, indent=1)
+  os.replace(tmp, path)
+
+
+def is_done(run_dir: str) -> bool:
+  return os.path.exists(os.path.join(run_dir, FINAL))
+
+
+def execute(run_dir: str, log=print) -> tuple[int, float]:
+  """Runs the trainer on run_dir/run.json as a subprocess (output to run_dir/log.txt). Returns (rc, seconds)."""
+  cmd = command(run_dir)
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  t0 = time.time()
+  with open(os.path.join(run_dir, "log.txt"), "ab") as out:
+    rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+  wall = time.time() - t0
+  record = {"rc": rc, "wall_s": round(wall, 1), "command": cmd}
+  with open(os.path.join(run_dir, LAUNCH_RECORD), "w") as f:
+    json.dump(record, f, indent=1)
+  if rc == 0 and not is_done(run_dir):
+    log(f"  {run_dir}: the trainer exited without {FINAL} (preempted?); re-run the sweep to resume it")
+    rc = -1
+  return rc, wall
+
+
+def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str = "", plots: bool = True,
+              aggregate_only: bool = False, log=print) -> dict[str, Any]:
+  """Runs (or prints) every run of a sweep, then aggregates. Returns {"launched", "skipped", "failed", ...}."""
+  sweep = load_sweep(resolve(sweep_path))
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  base = load_config_file(sweep["config"])
+  base = apply_overrides(base, sweep["overrides"])
+  subsets = None
+  if any(float(f) < 1 for f in sweep["fractions"]):
+    subsets = ensure_subsets(sweep, workdir, resolve(base.data.train), base.task,
+                             list(base.loss.get("target_indices", (0, 1))))
+  runs = [r for r in expand(sweep, workdir, subsets) if only in r.name]
+  stats = {"launched": [], "skipped": [], "failed": [], "commands": []}
+  t_start = time.time()
+
+  todo = []
+  pre = pretrain_spec(sweep)
+  if pre and any(r.init == "pretrained" for r in runs) and not aggregate_only:
+    todo.append(("pretrain", pretrain_dir(sweep, workdir), pre))
+  todo.extend((r.name, r.dir(workdir), r.spec) for r in runs)
+  init_from = pretrain_dir(sweep, workdir)
+  if (not pre and not dry_run and not aggregate_only and any(r.init == "pretrained" for r in runs)
+      and not os.path.exists(init_from)):
+    raise SweepError(f"the pretrained arm's init_from {init_from} does not exist (sweep pretrain={sweep['pretrain']})")
+  if not aggregate_only:
+    for _, run_dir, spec in todo:  # All specs first: a conflict stops the sweep before anything runs.
+      write_spec(run_dir, spec)
+    for k, (name, run_dir, _) in enumerate(todo):
+      if is_done(run_dir):
+        stats["skipped"].append(name)
+        continue
+      cmd = command(run_dir)
+      stats["commands"].append(cmd)
+      if dry_run:
+        log(f"cd {shlex.quote(REPO)} && " + " ".join(shlex.quote(c) for c in cmd))
+        continue
+      log(f"[{k + 1}/{len(todo)}] {name} ...")
+      rc, wall = execute(run_dir, log)
+      stats["launched"].append(name)
+      if rc != 0:
+        stats["failed"].append(name)
+        log(f"  FAILED (rc {rc}) after {wall:.0f}s: see {os.path.join(run_dir, 'log.txt')}")
+        if name == "pretrain":
+          raise SweepError(f"pretraining failed: see {os.path.join(run_dir, 'log.txt')}")
+      else:
+        log(f"  done in {wall:.0f}s")
+  if dry_run:
+    return stats
+
+  select = base.get("select_metric", "") or ("accuracy" if base.task == "classification" else "ccc_mean")
+  rows = collect(runs, workdir)
+  table = aggregate(rows, select, title=sweep["name"], target_names=tuple(base.loss.target_names))
+  write_results(workdir, rows, table)
+  if plots:
+    try:
+      make_plots(workdir, runs, rows, table, select, base.task, log=log)
+    except Exception as e:  # Plots are a convenience: a failure there must not hide the table.
+      log(f"plots failed ({type(e).__name__}: {e})")
+  stats["wall_s"] = time.time() - t_start
+  stats["table"] = table
+  log(table["markdown"])
+  if stats["failed"]:
+    log(f"{len(stats['failed'])} runs failed: {stats['failed']}")
+  return stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Aggregation.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def collect(runs: Sequence[Run], workdir: str) -> list[dict[str, Any]]:
+  """One row per run: axes, status, wall time, validation (val_*) and test (test_*) metrics."""
+  rows = []
+  for r in runs:
+    d = r.dir(workdir)
+    row = {"name": r.name, "fold": r.fold, "fraction": r.fraction, "seed": r.seed, "init": r.init, "lr": r.lr}
+    final = os.path.join(d, FINAL)
+    if os.path.exists(final):
+      with open(final) as f:
+        metrics = json.load(f)
+      row["status"] = "done"
+      row["best_step"] = metrics.get("best/step")
+      for k, v in sorted(metrics.items()):
+        if k.startswith("best/validation/"):
+          row["val_" + k[len("best/validation/"):]] = v
+        elif k.startswith("test/"):
+          row["test_" + k[len("test/"):]] = v
+    else:
+      row["status"] = "failed" if os.path.exists(os.path.join(d, LAUNCH_RECORD)) else "missing"
+    launch = os.path.join(d, LAUNCH_RECORD)
+    if os.path.exists(launch):
+      with open(launch) as f:
+        row["wall_s"] = json.load(f).get("wall_s")
+    rows.append(row)
+  return rows
+
+
+def _metric_columns(rows: Sequence[Mapping[str, Any]], target_names: Sequence[str]) -> list[tuple[str, str, bool]]:
+  """(row key, header, is_percent) of the reported test metrics."""
+  keys = {k for r in rows for k in r}
+  if "test_accuracy" in keys:
+    return [(f"test_{k}", h, True) for k, h in CLASSIFICATION_METRICS if f"test_{k}" in keys]
+  cols = [(f"test_ccc_{n}", f"CCC {n}", False) for n in target_names if f"test_ccc_{n}" in keys]
+  if "test_ccc_mean" in keys:
+    cols.append(("test_ccc_mean", "CCC mean", False))
+  return cols
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
+
+
+def _fmt(mean: float, std: float, percent: bool, signed: bool = False) -> str:
+  scale, digits = (100.0, 1) if percent else (1.0, 3)
+  sign = "+" if signed else ""
+  m = f"{mean * scale:{sign}.{digits}f}"
+  return m if math.isnan(std) else f"{m} ± {std * scale:.{digits}f}"
+
+
+def choose_lr(rows: Sequence[Mapping[str, Any]], select: str) -> float | None:
+  """The learning rate with the highest mean validation `select` over its finished runs (ties: smaller)."""
+  key = "val_" + select
+  by_lr = {}
+  for r in rows:
+    if r.get("status") == "done" and r.get(key) is not None and math.isfinite(float(r[key])):
+      by_lr.setdefault(float(r["lr"]), []).append(float(r[key]))
+  if not by_lr:
+    return None
+  lower_is_better = select in ("loss", "masked_l1")
+  return sorted(by_lr, key=lambda lr: ((np.mean(by_lr[lr]) if lower_is_better else -np.mean(by_lr[lr])), lr))[0]
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]], select: str, title: str = "",
+              target_names: Sequence[str] = ("arousal", "valence")) -> dict[str, Any]:
+  """The results table (see the module docstring). Returns {"groups": [...], "markdown": str}."""
+  cols = _metric_columns(rows, target_names)
+  fractions = sorted({float(r["fraction"]) for r in rows})
+  inits = [i for i in INITS if any(r["init"] == i for r in rows)]
+  groups = []
+  lines = [f"# {title}" if title else "# Results", "",
+           f"Test metrics at the checkpoint selected on validation `{select}`; mean ± sample std over folds × "
+           "seeds (n); learning rate chosen per (labels, init) by the mean validation "
+           f"`{select}`. Difference row: paired over (fold, seed).", "",
+           "| labels | init | lr | n | " + " | ".join(h for _, h, _ in cols) + " |",
+           "|---|---|---|---|" + "---|" * len(cols)]
+  for fraction in fractions:
+    chosen = {}
+    for init in inits:
+      part = [r for r in rows if float(r["fraction"]) == fraction and r["init"] == init]
+      lr = choose_lr(part, select)
+      done = [r for r in part if r.get("status") == "done" and lr is not None and float(r["lr"]) == lr]
+      chosen[init] = {(r["fold"], r["seed"]): r for r in done}
+      g = {"fraction": fraction, "init": init, "lr": lr, "n": len(done), "expected": len(
+          {(r["fold"], r["seed"]) for r in part}), "metrics": {}}
+      cells = []
+      for key, _, pct in cols:
+        vals = [float(r[key]) for r in done if r.get(key) is not None]
+        if vals:
+          g["metrics"][key] = _mean_std(vals)
+          cells.append(_fmt(*g["metrics"][key], pct))
+        else:
+          cells.append("–")
+      groups.append(g)
+      n = f"{g['n']}" if g["n"] == g["expected"] else f"{g['n']}/{g['expected']}"
+      lines.append(f"| {fraction * 100:g}% | {init} | {'–' if lr is None else f'{lr:g}'} | {n} | "
+                   + " | ".join(cells) + " |")
+    if len(inits) == 2:
+      pairs = sorted(set(chosen["pretrained"]) & set(chosen["scratch"]))
+      g = {"fraction": fraction, "init": "pretrained - scratch", "lr": None, "n": len(pairs), "metrics": {}}
+      cells = []
+      for key, _, pct in cols:
+        diffs = [float(chosen["pretrained"][p][key]) - float(chosen["scratch"][p][key]) for p in pairs
+                 if chosen["pretrained"][p].get(key) is not None and chosen["scratch"][p].get(key) is not None]
+        if diffs:
+          g["metrics"][key] = _mean_std(diffs)
+          cells.append(_fmt(*g["metrics"][key], pct, signed=True))
+        else:
+          cells.append("–")
+      groups.append(g)
+      lines.append(f"| {fraction * 100:g}% | **pretrained − scratch** | | {len(pairs)} | " + " | ".join(cells) + " |")
+  lines.append("")
+  if any(pct for _, _, pct in cols):
+    lines.append("Accuracy (WAR), UAR and macro-F1 in percent; differences in percentage points.")
+  else:
+    lines.append("CCC computed over all test clips of a fold, then averaged over folds × seeds.")
+  return {"groups": groups, "markdown": "\n".join(lines) + "\n"}
+
+
+def write_results(workdir: str, rows: Sequence[Mapping[str, Any]], table: Mapping[str, Any]) -> None:
+  fixed = ["name", "fold", "fraction", "seed", "init", "lr", "status", "best_step", "wall_s"]
+  extra = sorted({k for r in rows for k in r} - set(fixed))
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=fixed + extra, lineterminator="\n")
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({k: r.get(k, "") for k in fixed + extra})
+  for name, text in (("results.csv", buf.getvalue()), ("results.md", table["markdown"])):
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Predictions and plots.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def predict_run(run_dir: str) -> dict[str, np.ndarray]:
+  """Test-split outputs of a finished run at its selected checkpoint (<run_dir>/best), cached in predictions.npz.
+
+  Keys: output [N, classes] logits or [N, K] predicted attributes, label [N], targets [N, K] (the configured
+  target columns). Padding clips of the last batch are dropped.
+  """
+  path = os.path.join(run_dir, PREDICTIONS)
+  if os.path.exists(path):
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+
+  config = build_config(os.path.join(run_dir, RUN_SPEC))
+  spec = train.data_spec(config, "test")
+  if not spec:
+    raise SweepError(f"{run_dir}: the run has no test split")
+  _, geometry = input_pipeline.open_sources(spec)
+  train.fill_model_config(config, geometry)
+  model = train.build_model(config)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  rules = sharding.rules_from_config(config.mesh.get("rules"))
+  bs = int(config.get("eval_batch_size", config.batch_size))
+  dummy = input_pipeline.dummy_batch(geometry, bs, config.data.max_tokens)
+  key = jax.random.key(0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, dummy, deterministic=True))["params"]
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            sharding.strip_boxes(boxed), shardings)
+    params = checkpointing.restore_params(run_dir, abstract, prefer_best=True)
+    apply = jax.jit(lambda p, b: model.apply({"params": p}, b, deterministic=True)["output"])
+    ds = input_pipeline.make_dataset(spec, split="eval", global_batch_size=bs, seed=0,
+                                     max_tokens=config.data.max_tokens, process_index=0, process_count=1)
+    outs, labels, targets, weights = [], [], [], []
+    for batch in ds:
+      outs.append(np.asarray(apply(params, {k: np.asarray(v) for k, v in batch.items()})))
+      labels.append(batch["label"])
+      targets.append(batch["targets"])
+      weights.append(batch["weight"])
+  keep = np.concatenate(weights) > 0
+  idx = list(config.loss.target_indices) if config.task == "regression" else [0, 1]
+  result = {"output": np.concatenate(outs)[keep].astype(np.float32), "label": np.concatenate(labels)[keep],
+            "targets": np.concatenate(targets)[keep][:, idx].astype(np.float32)}
+  np.savez(path + ".tmp.npz", **result)
+  os.replace(path + ".tmp.npz", path)
+  return result
+
+
+def _curve(run_dir: str, metric: str) -> tuple[list[int], list[float]]:
+  steps, values = [], []
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return steps, values
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      m = json.loads(line)
+      if m.get("split") == "eval" and metric in m:
+        steps.append(int(m["step"]))
+        values.append(float(m[metric]))
+  return steps, values
+
+
+def confusion(labels: np.ndarray, logits: np.ndarray, num_classes: int) -> np.ndarray:
+  """[true, predicted] counts."""
+  pred = np.argmax(logits, axis=-1)
+  cm = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(cm, (labels[labels >= 0], pred[labels >= 0]), 1)
+  return cm
+
+
+def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], table: Mapping[str, Any],
+               select: str, task: str, log=print) -> list[str]:
+  """Validation curves and confusion matrices / scatter plots of the chosen-lr runs, per label fraction."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  chosen = {(g["fraction"], g["init"]): g["lr"] for g in table["groups"] if g["init"] in INITS}
+  done = {r["name"] for r in rows if r.get("status") == "done"}
+  by_name = {r.name: r for r in runs}
+  written = []
+  colors = {"pretrained": "tab:blue", "scratch": "tab:orange"}
+  for fraction in sorted({f for f, _ in chosen}):
+    sel = [by_name[n] for n in sorted(done) if by_name[n].fraction == fraction
+           and by_name[n].lr == chosen.get((fraction, by_name[n].init))]
+    if not sel:
+      continue
+    tag = f"frac{int(round(fraction * 100)):03d}"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in sel:
+      steps, values = _curve(r.dir(workdir), select)
+      ax.plot(steps, values, color=colors[r.init], alpha=0.7, label=r.init)
+    handles = {l.get_label(): l for l in ax.get_lines()}
+    ax.legend(handles.values(), handles.keys())
+    ax.set(xlabel="step", ylabel=f"validation {select}", title=f"{fraction * 100:g}% labels: one line per fold × seed")
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, f"curves_{tag}.png"))
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+
+    preds = {}
+    for r in sel:
+      try:
+        preds.setdefault(r.init, []).append(predict_run(r.dir(workdir)))
+      except Exception as e:  # A run without a usable checkpoint is left out of the plot, not fatal.
+        log(f"  no predictions for {r.name}: {type(e).__name__}: {e}")
+    if not preds:
+      continue
+    inits = [i for i in INITS if i in preds]
+    if task == "classification":
+      num_classes = preds[inits[0]][0]["output"].shape[-1]
+      fig, axes = plt.subplots(1, len(inits), figsize=(4.5 * len(inits), 4), squeeze=False)
+      for ax, init in zip(axes[0], inits):
+        cm = sum(confusion(p["label"], p["output"], num_classes) for p in preds[init])
+        rate = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(rate, vmin=0, vmax=1, cmap="Blues")
+        for i in range(num_classes):
+          for j in range(num_classes):
+            ax.text(j, i, f"{rate[i, j] * 100:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if rate[i, j] > 0.5 else "black")
+        ax.set(xlabel="predicted", ylabel="true", title=f"{init} ({fraction * 100:g}% labels), row %")
+      fig.tight_layout()
+      written.append(os.path.join(out_dir, f"confusion_{tag}.png"))
+    else:
+      k = preds[inits[0]][0]["output"].shape[-1]
+      fig, axes = plt.subplots(len(inits), k, figsize=(3.5 * k, 3.3 * len(inits)), squeeze=False)
+      for row_axes, init in zip(axes, inits):
+        for j, ax in enumerate(row_axes):
+          y = np.concatenate([p["targets"][:, j] for p in preds[init]])
+          x = np.concatenate([p["output"][:, j] for p in preds[init]])
+          ax.scatter(y, x, s=4, alpha=0.5)
+          lo, hi = float(np.nanmin(y)), float(np.nanmax(y))
+          ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+          ax.set(xlabel="true", ylabel="predicted", title=f"{init}: target {j} ({fraction * 100:g}%)")
+      fig.tight_layout()
+      written.append(os.path.join(out_dir, f"scatter_{tag}.png"))
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+  return written
+
+
+def main(argv):
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Checkpoint-library chatter of the prediction passes; runs log to files.
+  t0 = time.time()
+  stats = run_sweep(f.sweep, f.workdir, dry_run=f.dry_run, only=f.only, plots=f.plots,
+                    aggregate_only=f.aggregate_only)
+  if not f.dry_run:
+    print(f"sweep finished in {time.time() - t0:.0f}s: {len(stats['launched'])} runs launched, "
+          f"{len(stats['skipped'])} skipped (finished before), {len(stats['failed'])} failed; results in "
+          f"{os.path.join(os.path.abspath(f.workdir), 'results.md')}")
+  if stats["failed"]:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/*.py) with get_sweep().")
+  flags.DEFINE_string("workdir", None, "Sweep directory (runs/, pretrain/, results.csv, results.md, plots/).")
+  flags.DEFINE_bool("dry_run", False, "Print the commands (writing each run's run.json), train nothing.")
+  flags.DEFINE_string("only", "", "Only runs whose name contains this substring.")
+  flags.DEFINE_bool("plots", True, "Write plots/ (needs an evaluation pass per run for predictions.npz).")
+  flags.DEFINE_bool("aggregate_only", False, "Launch nothing; aggregate what is there.")
+  flags.mark_flags_as_required(["sweep", "workdir"])
+  app.run(main)

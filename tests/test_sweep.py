@@ -1,0 +1,302 @@
+"""The sweep launcher (launch/sweep.py): expansion, dry runs, resuming, aggregation, one real mini sweep."""
+
+import csv
+import json
+import os
+import subprocess
+import textwrap
+
+import numpy as np
+import pytest
+
+from data import folds as folds_lib
+from launch import sweep as sweep_lib
+
+REPO = sweep_lib.REPO
+SYNTH_FOLDS = os.path.join(REPO, "data", "folds", "avt_synth.json")
+SYNTH_SUBSETS = os.path.join(REPO, "data", "folds", "avt_synth_subsets.json")
+
+
+def _sweep_file(tmp_path, **fields):
+  spec = dict(config="configs/finetune_synth.py:tiny",
+              pretrain={"config": "configs/pretrain_synth.py:tiny", "overrides": {}},
+              folds="data/folds/avt_synth.json", fold_names=["fold0", "fold1"],
+              subsets="data/folds/avt_synth_subsets.json", fractions=[0.1, 1.0], seeds=[0, 1],
+              inits=["pretrained", "scratch"], lrs=[1e-3, 3e-4], overrides={"total_steps": 4})
+  spec.update(fields)
+  path = tmp_path / "my_sweep.py"
+  path.write_text(textwrap.dedent(f"""
+      import json
+      def get_sweep():
+        return json.loads({json.dumps(json.dumps(spec))})
+  """))
+  return str(path)
+
+
+class _NoSubprocess:
+  """Counts attempts to launch a trainer subprocess (and refuses them)."""
+
+  def __init__(self, monkeypatch):
+    self.calls = []
+    monkeypatch.setattr(subprocess, "call", self)
+
+  def __call__(self, cmd, **kwargs):
+    self.calls.append(cmd)
+    raise AssertionError(f"a subprocess was launched: {cmd}")
+
+
+def test_expansion_names_and_run_specs(tmp_path):
+  sweep = sweep_lib.load_sweep(_sweep_file(tmp_path))
+  workdir = str(tmp_path / "w")
+  subsets = folds_lib.load_subsets(SYNTH_SUBSETS)
+  runs = sweep_lib.expand(sweep, workdir, subsets)
+  expected = [f"{fold}_frac{frac}_seed{seed}_{init}_lr{lr}" for fold in ("fold0", "fold1")
+              for frac in ("010", "100") for seed in (0, 1) for init in ("pretrained", "scratch")
+              for lr in ("1e-03", "3e-04")]
+  assert [r.name for r in runs] == expected
+  folds = folds_lib.load_folds(SYNTH_FOLDS)
+  by_name = {r.name: r for r in runs}
+  r = by_name["fold1_frac010_seed1_pretrained_lr3e-04"]
+  o = r.spec["overrides"]
+  assert o["init_from"] == os.path.join(workdir, "pretrain")
+  assert o["seed"] == 1 and o["optimizer.lr"] == 3e-4 and o["total_steps"] == 4
+  assert o["data.train_filter"] == {"clip_ids": subsets["subsets"]["fold1"]["1"]["0.1"]}
+  assert o["data.eval_filter"] == {"where": {"speaker": folds["folds"][1]["validation"]}}
+  assert o["data.test_filter"] == {"where": {"speaker": folds["folds"][1]["test"]}}
+  s = by_name["fold0_frac100_seed0_scratch_lr1e-03"].spec["overrides"]
+  assert s["init_from"] == "" and s["data.train_filter"] == {"where": {"speaker": folds["folds"][0]["train"]}}
+  # The run config is the base config plus the overrides, with tuples.
+  config = sweep_lib.build_config(r.spec)
+  assert config.optimizer.lr == 3e-4 and config.seed == 1 and config.total_steps == 4
+  assert config.optimizer.total_steps == 4  # The field reference follows total_steps.
+  assert config.data.train_filter.clip_ids == tuple(subsets["subsets"]["fold1"]["1"]["0.1"])
+  assert config.data.test_filter.where.speaker == tuple(folds["folds"][1]["test"])
+  assert config.model.width == 32  # The ':tiny' variant of the base config.
+
+
+def test_dry_run_prints_commands_and_launches_nothing(tmp_path, monkeypatch):
+  guard = _NoSubprocess(monkeypatch)
+  lines = []
+  workdir = tmp_path / "w"
+  stats = sweep_lib.run_sweep(_sweep_file(tmp_path, lrs=[1e-3], seeds=[0]), str(workdir), dry_run=True,
+                              log=lines.append)
+  assert guard.calls == []
+  assert len(lines) == 1 + 8  # Pretraining, then 2 folds x 2 fractions x 2 inits.
+  assert "--workdir=" + str(workdir / "pretrain") in lines[0]
+  name = "fold1_frac010_seed0_scratch_lr1e-03"
+  run_json = workdir / "runs" / name / "run.json"
+  assert any(f"--config={REPO}/configs/sweeps/run.py:{run_json}" in l for l in lines)
+  assert json.loads(run_json.read_text())["meta"] == {"fold": "fold1", "fraction": 0.1, "seed": 0,
+                                                      "init": "scratch", "lr": 1e-3}
+  only = []
+  sweep_lib.run_sweep(_sweep_file(tmp_path, lrs=[1e-3], seeds=[0]), str(workdir), dry_run=True,
+                      only="scratch", log=only.append)
+  assert len(only) == 4 and all("scratch" in l for l in only)  # No pretraining needed for scratch runs.
+
+
+def _fake_result(run_dir, val, test, task="classification", curve=()):
+  os.makedirs(run_dir, exist_ok=True)
+  if task == "classification":
+    final = {"step": 4, "best/step": 2, "best/accuracy": val, "best/validation/accuracy": val,
+             "test/accuracy": test[0], "test/uar": test[1], "test/macro_f1": test[2]}
+  else:
+    final = {"step": 4, "best/step": 2, "best/validation/ccc_mean": val, "test/ccc_arousal": test[0],
+             "test/ccc_valence": test[1], "test/ccc_mean": (test[0] + test[1]) / 2}
+  with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
+    json.dump(final, f)
+  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+    for step, value in curve:
+      f.write(json.dumps({"step": step, "split": "eval", "accuracy": value}) + "\n")
+
+
+def test_finished_runs_are_skipped_and_results_match_a_hand_computation(tmp_path, monkeypatch):
+  path = _sweep_file(tmp_path, fractions=[0.1], seeds=[0], lrs=[1e-3, 1e-4], fold_names=["fold0", "fold1"])
+  workdir = tmp_path / "w"
+  sweep_lib.run_sweep(path, str(workdir), dry_run=True, log=lambda _: None)  # Writes every run.json.
+  _fake_result(workdir / "pretrain", 0, (0, 0, 0))
+  # (fold, init, lr) -> validation accuracy, test (accuracy, uar, macro_f1).
+  fake = {
+      ("fold0", "pretrained", "1e-03"): (0.50, (0.40, 0.41, 0.42)),
+      ("fold0", "pretrained", "1e-04"): (0.60, (0.50, 0.52, 0.54)),
+      ("fold1", "pretrained", "1e-03"): (0.70, (0.90, 0.90, 0.90)),  # Best test, but not chosen:
+      ("fold1", "pretrained", "1e-04"): (0.62, (0.70, 0.66, 0.62)),  # mean val 1e-4 = 0.61 > 0.60.
+      ("fold0", "scratch", "1e-03"): (0.30, (0.30, 0.31, 0.32)),
+      ("fold0", "scratch", "1e-04"): (0.20, (0.99, 0.99, 0.99)),  # Best test, worst validation.
+      ("fold1", "scratch", "1e-03"): (0.40, (0.50, 0.45, 0.40)),
+      ("fold1", "scratch", "1e-04"): (0.30, (0.10, 0.10, 0.10)),
+  }
+  for (fold, init, lr), (val, test) in fake.items():
+    _fake_result(workdir / "runs" / f"{fold}_frac010_seed0_{init}_lr{lr}", val, test,
+                 curve=[(2, val - 0.1), (4, val)])
+  guard = _NoSubprocess(monkeypatch)
+  lines = []
+  stats = sweep_lib.run_sweep(path, str(workdir), log=lines.append)
+  assert guard.calls == [] and stats["launched"] == [] and len(stats["skipped"]) == 9
+
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 8 and {r["status"] for r in rows} == {"done"}
+  row = next(r for r in rows if r["name"] == "fold1_frac010_seed0_scratch_lr1e-04")
+  assert float(row["test_accuracy"]) == 0.10 and float(row["val_accuracy"]) == 0.30
+
+  groups = {g["init"]: g for g in stats["table"]["groups"]}
+  assert groups["pretrained"]["lr"] == 1e-4 and groups["scratch"]["lr"] == 1e-3
+  # Hand computation: pretrained @1e-4 test accuracy 0.50, 0.70 -> mean 0.60, sample std 0.141421;
+  # scratch @1e-3: 0.30, 0.50 -> 0.40, 0.141421; paired differences 0.20, 0.20 -> 0.20, 0.
+  m, s = groups["pretrained"]["metrics"]["test_accuracy"]
+  assert m == pytest.approx(0.60) and s == pytest.approx(0.1414214, abs=1e-6)
+  m, s = groups["scratch"]["metrics"]["test_macro_f1"]  # 0.32, 0.40
+  assert m == pytest.approx(0.36) and s == pytest.approx(0.0565685, abs=1e-6)
+  m, s = groups["pretrained - scratch"]["metrics"]["test_uar"]  # (0.52 - 0.31), (0.66 - 0.45)
+  assert m == pytest.approx(0.21) and s == pytest.approx(0.0, abs=1e-9)
+  md = (workdir / "results.md").read_text()
+  assert "| 10% | pretrained | 0.0001 | 2 | 60.0 ± 14.1 | 59.0 ± 9.9 | 58.0 ± 5.7 |" in md
+  assert "| 10% | scratch | 0.001 | 2 | 40.0 ± 14.1 | 38.0 ± 9.9 | 36.0 ± 5.7 |" in md
+  assert "| 10% | **pretrained − scratch** | | 2 | +20.0 ± 0.0 | +21.0 ± 0.0 | +22.0 ± 0.0 |" in md
+  assert md in "\n".join(lines) + "\n"
+  assert os.path.exists(workdir / "plots" / "curves_frac010.png")
+
+
+def test_aggregate_regression_and_missing_runs():
+  rows = []
+  for fold, a, v in (("fold0", 0.5, 0.2), ("fold1", 0.7, 0.4), ("fold2", None, None)):
+    for init, shift in (("pretrained", 0.1), ("scratch", 0.0)):
+      row = {"name": f"{fold}_{init}", "fold": fold, "fraction": 1.0, "seed": 0, "init": init, "lr": 1e-3}
+      if a is None:
+        row["status"] = "missing"
+      else:
+        row.update(status="done", val_ccc_mean=0.3, test_ccc_arousal=a + shift, test_ccc_valence=v + shift,
+                   test_ccc_mean=(a + v) / 2 + shift)
+      rows.append(row)
+  table = sweep_lib.aggregate(rows, "ccc_mean", title="t")
+  md = table["markdown"]
+  assert "| labels | init | lr | n | CCC arousal | CCC valence | CCC mean |" in md
+  assert "| 100% | pretrained | 0.001 | 2/3 | 0.700 ± 0.141 | 0.400 ± 0.141 | 0.550 ± 0.141 |" in md
+  assert "| 100% | **pretrained − scratch** | | 2 | +0.100 ± 0.000 |" in md
+
+
+def test_changed_spec_of_a_started_run_is_refused(tmp_path):
+  path = _sweep_file(tmp_path, fractions=[1.0], seeds=[0], lrs=[1e-3], fold_names=["fold0"], inits=["scratch"])
+  workdir = tmp_path / "w"
+  sweep_lib.run_sweep(path, str(workdir), dry_run=True, log=lambda _: None)
+  run_dir = workdir / "runs" / "fold0_frac100_seed0_scratch_lr1e-03"
+  (run_dir / "log.txt").write_text("started")
+  changed = _sweep_file(tmp_path, fractions=[1.0], seeds=[0], lrs=[1e-3], fold_names=["fold0"], inits=["scratch"],
+                        overrides={"total_steps": 5})
+  with pytest.raises(sweep_lib.SweepError, match=r"different spec \(changed: \['total_steps'\]\)"):
+    sweep_lib.run_sweep(changed, str(workdir), dry_run=True, log=lambda _: None)
+
+
+def test_bad_sweep_files_are_named(tmp_path):
+  with pytest.raises(sweep_lib.SweepError, match="needs pretrain"):
+    sweep_lib.load_sweep(_sweep_file(tmp_path, pretrain=None))
+  with pytest.raises(sweep_lib.SweepError, match="fraction 1.5"):
+    sweep_lib.load_sweep(_sweep_file(tmp_path, fractions=[1.5]))
+  with pytest.raises(KeyError, match="no clip ids for fold 'fold0', seed 9"):
+    sweep = sweep_lib.load_sweep(_sweep_file(tmp_path, seeds=[9]))
+    sweep_lib.expand(sweep, str(tmp_path), folds_lib.load_subsets(SYNTH_SUBSETS))
+
+
+def _ccc(x, y):
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  return 2 * np.mean((x - x.mean()) * (y - y.mean())) / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
+
+
+def _random_pretrained_checkpoint(directory):
+  """A pretraining checkpoint of configs/pretrain_synth.py:tiny with random weights (written in-process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  config = sweep_lib.load_config_file("configs/pretrain_synth.py:tiny")
+  _, geometry = input_pipeline.open_sources(config.data.train)
+  train.fill_model_config(config, geometry)
+  model = train.build_model(config)
+  dummy = input_pipeline.dummy_batch(geometry, 2, config.data.max_tokens)
+  key = jax.random.key(1)
+  params = nn.meta.unbox(model.init({"params": key, "dropout": key}, dummy, deterministic=True)["params"])
+  return checkpointing.save_pretrained(str(directory), params, config.to_dict())
+
+
+def test_end_to_end_mini_sweep(tmp_path, monkeypatch):
+  """Two fine-tuning runs (pretrained + scratch; regression, 4 steps each) as real trainer subprocesses."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # Faster compiles.
+  pretrained = _random_pretrained_checkpoint(tmp_path / "pre")
+  path = _sweep_file(tmp_path, config="configs/finetune_synth.py:regression_tiny", subsets=None,
+                     pretrain={"init_from": pretrained}, fold_names=["fold2"], fractions=[0.25], seeds=[0],
+                     lrs=[1e-3], overrides={"total_steps": 4})
+  workdir = tmp_path / "w"
+  stats = sweep_lib.run_sweep(path, str(workdir), log=lambda _: None)
+  assert stats["failed"] == [] and len(stats["launched"]) == 2
+  # No subsets file named: the sweep wrote one, stratified by binned targets.
+  subsets = json.loads((workdir / "subsets.json").read_text())
+  assert subsets["stratify"] == "targets"
+  for init in ("pretrained", "scratch"):
+    run_dir = workdir / "runs" / f"fold2_frac025_seed0_{init}_lr1e-03"
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    # predictions.npz (test split, selected checkpoint) reproduces the trainer's test CCC.
+    with np.load(run_dir / "predictions.npz") as z:
+      out, targets = z["output"], z["targets"]
+    assert out.shape == (120, 2) and targets.shape == (120, 2)
+    assert _ccc(out[:, 0], targets[:, 0]) == pytest.approx(final["test/ccc_arousal"], abs=1e-4)
+    assert _ccc(out[:, 1], targets[:, 1]) == pytest.approx(final["test/ccc_valence"], abs=1e-4)
+  log = (workdir / "runs" / "fold2_frac025_seed0_pretrained_lr1e-03" / "log.txt").read_text()
+  assert f"initialising the encoder from {pretrained}" in log
+  assert os.path.exists(workdir / "plots" / "scatter_frac025.png")
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 and all(r["status"] == "done" for r in rows)
+  assert "CCC arousal" in (workdir / "results.md").read_text()
+  again = sweep_lib.run_sweep(path, str(workdir), plots=False, log=lambda _: None)
+  assert again["launched"] == [] and len(again["skipped"]) == 2
+
+
+def test_real_dataset_sweeps_expand_on_their_folds(tmp_path, monkeypatch):
+  """configs/sweeps/cremad.py and msp_improv.py, dry run on manifests shaped like the real ones."""
+  guard = _NoSubprocess(monkeypatch)
+  crema = tmp_path / "crema_d"
+  crema.mkdir()
+  with open(crema / "manifest.jsonl", "w") as f:
+    for actor in range(1001, 1092):
+      for k in range(12):
+        f.write(json.dumps({"clip_id": f"{actor}_S{k:02d}_{k % 6}", "status": "ok", "speaker": f"crema_{actor}",
+                            "session": "", "label": k % 6, "dataset": "crema_d"}) + "\n")
+  msp = tmp_path / "msp"
+  msp.mkdir()
+  rng = np.random.default_rng(0)
+  with open(msp / "manifest.jsonl", "w") as f:
+    for s in range(1, 7):
+      for k in range(30):
+        a, v = rng.uniform(1, 5, 2)
+        f.write(json.dumps({"clip_id": f"MSP-S{s}-{k:02d}", "status": "ok", "speaker": f"msp_F0{s}",
+                            "session": f"session{s}", "label": -1, "targets": [a, v, 3.0]}) + "\n")
+  monkeypatch.setenv("AVT_CREMA_D", str(crema))
+  monkeypatch.setenv("AVT_MSP_IMPROV", str(msp))
+  monkeypatch.setenv("AVT_PRETRAINED", str(tmp_path / "pre"))
+  for name, folds, n in (("cremad", "crema_d", 5), ("msp_improv", "msp_improv", 6)):
+    lines = []
+    sweep_lib.run_sweep(f"configs/sweeps/{name}.py", str(tmp_path / name), dry_run=True, log=lines.append)
+    assert len(lines) == 2 * n * 3 * 2 * 2  # fractions x folds x seeds x inits x lrs; no pretraining stage.
+    sub = json.loads((tmp_path / name / "subsets.json").read_text())
+    assert sub["stratify"] == ("label" if name == "cremad" else "targets")
+    spec = json.loads((tmp_path / name / "runs" / "fold1_frac100_seed2_pretrained_lr1e-04" / "run.json").read_text())
+    field = "speaker" if name == "cremad" else "session"
+    fold = folds_lib.load_folds(os.path.join(REPO, "data", "folds", f"{folds}.json"))["folds"][1]
+    assert spec["overrides"]["data.test_filter"] == {"where": {field: fold["test"]}}
+    assert spec["overrides"]["init_from"] == str(tmp_path / "pre")
+    config = sweep_lib.build_config(spec)
+    assert config.data.train == str(crema if name == "cremad" else msp)
+    assert config.data.eval_filter.where[field] == tuple(fold["validation"])
+  assert guard.calls == []
+
+
+def test_overrides_of_unknown_fields_are_refused():
+  config = sweep_lib.load_config_file("configs/pretrain.py:tiny")
+  assert "train_filter" not in config.data  # The base config has no filter: the override adds it.
+  sweep_lib.apply_overrides(config, {"data.train_filter": {"where": {"session": ["session1"]}}, "seed": 3,
+                                     "optimizer.lr": 1})
+  assert config.data.train_filter.where.session == ("session1",) and config.seed == 3
+  assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+  with pytest.raises(sweep_lib.SweepError, match="no field 'total_step'"):
+    sweep_lib.apply_overrides(config, {"total_step": 5})
+  with pytest.raises(sweep_lib.SweepError, match="no field 'optimiser'"):
+    sweep_lib.apply_overrides(config, {"optimiser.lr": 5})
