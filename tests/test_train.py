@@ -224,3 +224,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert steps and steps[-1] < 30
   for x in jax.tree.leaves(_params(wd, steps[-1])):
     assert np.isfinite(np.asarray(x)).all()
+
+
+def test_parameter_free_switches_that_differ_from_init_from_are_reported(tmp_path):
+  from avt_jax.models import avt
+  (tmp_path / "config.json").write_text(json.dumps({"padding_mask": False, "release_positions": True,
+                                                    "causal": True}))
+  diffs = train.warn_model_differences(str(tmp_path), avt.model_config("base"))
+  assert diffs == ["padding_mask: False there, True here", "release_positions: True there, False here"]
+  same = avt.model_config("base", padding_mask=False, release_positions=True)
+  assert train.warn_model_differences(str(tmp_path), same) == []
