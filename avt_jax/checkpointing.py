@@ -53,6 +53,21 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
   return restored[STATE]
 
 
+def has_iterator_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint `step` holds this process's iterator state for the current process count."""
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  return (epath.Path(manager.directory) / str(step) / DATA_ITER / name).exists()
+
+
+def position_iterator(data_iter, batch_index: int) -> None:
+  """Moves a fresh (in-process) Grain iterator to batch `batch_index`."""
+  state = data_iter.get_state()
+  if not isinstance(state, dict) or "next_index" not in state:
+    raise ValueError("cannot position this data iterator (prefetch workers?): resume with the process count the "
+                     "checkpoint was written with, or with data.worker_count=0")
+  data_iter.set_state(dict(state, next_index=int(batch_index)))
+
+
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in tree.items():

@@ -711,8 +711,10 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
         raise ValueError(f"mixture weights {weights} must be {len(parts)} positive numbers")
       ds = grain.MapDataset.mix(parts, weights)
     ds = ds.random_map(transform, seed=_derive_seed(seed, 2))
-    ds = ds[process_index::process_count]
+    # Batch, then give process p the batches p, p + n, ...: global batch k (the processes' local batches k, process
+    # 0 first) is then exactly the single-process batch k, clips in the same order, for any process count.
     ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds[process_index::process_count]
   else:
     ds = grain.MapDataset.source(sources[0])
     if len(sources) > 1:

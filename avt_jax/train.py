@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import linen as nn
 
@@ -209,7 +209,8 @@ def make_train_step(config, model, tx, schedule):
 
   def accumulated(params, batch, rng):
     """Mean of the losses and gradients of `accum` micro-batches, one after another (lower peak memory)."""
-    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+    # Micro-batch i takes rows i, i + accum, ...: every device keeps its own rows (no resharding of the batch).
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
 
     def body(carry, xs):
       i, mb = xs
@@ -317,53 +318,60 @@ def selection(config) -> tuple[str, str]:
 # Metric writing: CLU writers (TensorBoard + log) and <workdir>/metrics.jsonl.
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Writes one JSON object per (step, split): {"step": .., "split": .., name: value, ...}.
+def _jsonl_writer_class():
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
 
-  Scalar names are "<split>/<name>"; names without a split go to split "train".
-  """
+  class JsonlWriter(metric_writers.MetricWriter):
+    """Writes one JSON object per (step, split): {"step": .., "split": .., name: value, ...}.
 
-  def __init__(self, path: str):
-    self._path = epath.Path(path)
+    Scalar names are "<split>/<name>"; names without a split go to split "train".
+    """
 
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    by_split: dict[str, dict[str, float]] = {}
-    for name, value in scalars.items():
-      split, _, key = name.rpartition("/")
-      by_split.setdefault(split or "train", {})[key] = float(np.asarray(value))
-    with self._path.open("a") as f:
-      for split, vals in by_split.items():
-        f.write(json.dumps({"step": int(step), "split": split, **vals}) + "\n")
+    def __init__(self, path: str):
+      self._path = epath.Path(path)
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+      by_split: dict[str, dict[str, float]] = {}
+      for name, value in scalars.items():
+        split, _, key = name.rpartition("/")
+        by_split.setdefault(split or "train", {})[key] = float(np.asarray(value))
+      with self._path.open("a") as f:
+        for split, vals in by_split.items():
+          f.write(json.dumps({"step": int(step), "split": split, **vals}) + "\n")
 
-  def write_images(self, step, images):
-    pass
+    def write_summaries(self, step, values, metadata=None):
+      pass
 
-  def write_videos(self, step, videos):
-    pass
+    def write_images(self, step, images):
+      pass
 
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
+    def write_videos(self, step, videos):
+      pass
 
-  def write_texts(self, step, texts):
-    pass
+    def write_audios(self, step, audios, *, sample_rate):
+      pass
 
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
+    def write_texts(self, step, texts):
+      pass
 
-  def write_hparams(self, hparams):
-    pass
+    def write_histograms(self, step, arrays, num_buckets=None):
+      pass
 
-  def flush(self):
-    pass
+    def write_hparams(self, hparams):
+      pass
 
-  def close(self):
-    pass
+    def flush(self):
+      pass
+
+    def close(self):
+      pass
+
+  return JsonlWriter
 
 
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
+def make_writer(workdir: str):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  JsonlWriter = _jsonl_writer_class()  # pylint: disable=invalid-name
   if jax.process_index() > 0:
     return metric_writers.LoggingWriter()
   return metric_writers.MultiWriter([metric_writers.create_default_writer(workdir, asynchronous=False),
@@ -536,7 +544,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if latest is not None:
       logging.info("resuming from %s at step %d", manager.directory, latest)
-      state = checkpointing.restore(manager, latest, abstract_state, train_iter)
+      if checkpointing.has_iterator_state(manager, latest):
+        state = checkpointing.restore(manager, latest, abstract_state, train_iter)
+      else:
+        # Saved by another number of processes: the iterator state does not apply. Global batch k is the same for
+        # any process count, so the iterator is positioned at batch `latest` instead.
+        logging.warning("checkpoint %d has no data-iterator state for %d processes; positioning the iterator at "
+                        "batch %d", latest, jax.process_count(), latest)
+        state = checkpointing.restore(manager, latest, abstract_state)
+        checkpointing.position_iterator(train_iter, latest)
     else:
       state = init_fn()
       if config.mode == "eval":
@@ -571,11 +587,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0 = time.time()
     compiled = train_step.lower(abstract_state, abstract_batch, base_rng).compile()
     compile_s = time.time() - t0
-  flops_per_step = summary.compiled_flops(compiled)
+  # XLA's cost analysis describes the per-device program of the partitioned step.
+  flops_per_step = summary.compiled_flops(compiled) * jax.device_count()
+  if jax.process_count() > 1:
+    # Processes compile at different speeds (cache hits); meet before the first collective.
+    ocp.multihost.sync_global_processes("avt_jax_step_compiled")
   peak = summary.peak_flops(config.get("peak_flops", 0.0))
   logging.info("train step compiled in %.1fs; %.3g FLOP/step (%.3g per clip)", compile_s, flops_per_step,
                flops_per_step / config.batch_size)
 
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   stop = StopSignal().install()
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)

@@ -1,0 +1,472 @@
+"""Speed and memory of the pretraining step, and of the input pipeline that feeds it.
+
+  python -m avt_jax.bench --size=base,large --batch=64,512 --dtype=bfloat16 [--mesh=data=-1] [--steps=20]
+      [--seq=100] [--features=512,17] [--remat=false,true] [--scan_layers=false] [--grad_accum=1]
+      [--loader=<prepared dir>] [--peak_flops=...] [--compare_dtypes] [--json=<file>]
+
+For every combination of the list flags the pretraining train step of `avt_jax.train` (masked-frame
+reconstruction, BERT-Adam update, sharded with the default rules on the given mesh) is compiled and run on a
+synthetic batch that lives on the devices (random precomputed features of the paper's widths, 512-d audio and 17
+action units, T=100 tokens). The table gives the compile time, the median step time over `--steps` steps (after
+`--warmup` steps, each step waited for with block_until_ready), clips per second, the achieved model TFLOP/s per
+device, MFU (model FLOP/s over the peak of all devices; peak from `summary.PEAK_FLOPS` by device kind or
+`--peak_flops`), and memory per device.
+
+Model FLOPs are counted analytically by `model_flops_per_clip` (matrix multiplications only: projections,
+attention QK^T and AV, feed-forward, reconstruction heads; backward = 2x forward). XLA's own count of the compiled
+step is shown next to it as a ratio (`xla/model`): it also counts elementwise work, and recomputation under remat
+(about 4/3); it counts a loop body once, so with scan_layers or grad_accum > 1 the ratio drops.
+
+Memory: `mem GiB` is XLA's estimate for the compiled step per device (arguments + outputs + temporaries - donated
+buffers); `peak GiB` is the device allocator's peak (GPU / TPU only), which is cumulative over the rows of one run:
+list a single configuration per run for an exact peak.
+
+`--loader=<dir>` also times `input_pipeline.make_dataset` on a prepared directory at each batch size (batches/s and
+clips/s, including the transfer onto the devices), so one can see which side limits training.
+`--compare_dtypes` trains a few steps of the same model on the same batches in float32 and bfloat16 and prints the
+losses side by side (a correctness check for the low-precision path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from avt_jax import config_lib, input_pipeline, sharding, summary, train
+from avt_jax.models import avt
+
+GIB = 1024 ** 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Analytic FLOPs.
+
+
+def _layer_flops(width: int, q_len: int, kv_len: int, mlp_ratio: int) -> float:
+  """Forward FLOPs of one encoder layer for one clip (a multiply-add counts 2)."""
+  proj = 2 * q_len * width * width * 2 + 2 * kv_len * width * width * 2   # Q and output on queries; K and V on keys
+  attention = 2 * q_len * kv_len * width * 2                              # QK^T and AV, summed over heads
+  mlp = 2 * q_len * width * (mlp_ratio * width) * 2                       # fc1 and fc2
+  return float(proj + attention + mlp)
+
+
+def forward_flops_per_clip(model_cfg: Mapping[str, Any], seq_len: int, audio_dim: int,
+                           visual_dim: int) -> dict[str, float]:
+  """Forward matmul FLOPs of the pretraining model for one clip of `seq_len` tokens, per part.
+
+  Frontends are the per-frame feature projections (features kind). Parts: frontends, cross (both cross-modal
+  encoders), joint (the self-attention encoder at twice the width), heads (the two reconstruction heads).
+  """
+  d, layers, r = int(model_cfg["width"]), int(model_cfg["num_layers"]), int(model_cfg.get("mlp_ratio", 4))
+  e, t = 2 * d, int(seq_len)
+  return {
+      "frontends": float(2 * t * audio_dim * d + 2 * t * visual_dim * d),
+      "cross": 2 * layers * _layer_flops(d, t, t, r),
+      "joint": layers * _layer_flops(e, t, t, r),
+      "heads": float(2 * (2 * 2 * t * e * e) + 2 * t * e * (audio_dim + visual_dim)),
+  }
+
+
+def model_flops_per_clip(model_cfg: Mapping[str, Any], seq_len: int, audio_dim: int, visual_dim: int) -> float:
+  """Model FLOPs of one training step per clip: forward + backward of every matrix multiplication.
+
+  The backward pass of a matmul costs twice its forward (gradients of both operands), except for the frontend
+  projections, whose input is data and needs no gradient (forward + weight gradient only). Softmax, LayerNorm,
+  dropout, masking and the optimizer update are not counted; causal attention is counted in full (the scores are
+  computed for every pair and masked). Remat recomputation is not model work and is not counted either.
+  """
+  parts = forward_flops_per_clip(model_cfg, seq_len, audio_dim, visual_dim)
+  return 3.0 * sum(parts.values()) - parts["frontends"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs and synthetic batches.
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}; missing axes are 1 (data is -1 if no axis is -1)."""
+  mesh = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, sep, value = part.partition("=")
+    if not sep or name not in sharding.AXES:
+      raise ValueError(f"--mesh {text!r}: expected comma-separated axis=size with axes {sharding.AXES}")
+    mesh[name] = int(value)
+  out = {a: mesh.get(a, 1) for a in sharding.AXES}
+  if "data" not in mesh and -1 not in out.values():
+    out["data"] = -1
+  return out
+
+
+def mesh_label(mesh: Mapping[str, int]) -> str:
+  return "x".join(f"{a[0]}{mesh[a]}" for a in sharding.AXES if mesh[a] != 1) or "1"
+
+
+def bench_config(size: str, batch: int, dtype: str = "bfloat16", seq_len: int = 100, audio_dim: int = 512,
+                 visual_dim: int = 17, *, mesh: Mapping[str, int] | None = None, remat: bool = False,
+                 scan_layers: bool = False, grad_accum: int = 1, attention_impl: str = "",
+                 **model_overrides) -> ml_collections.ConfigDict:
+  """The pretraining config of the benchmark: features frontends, synthetic data, the trainer's optimizer."""
+  c = config_lib.base_config("pretrain")
+  c.model = avt.model_config(size, audio_frontend=dict(type="features", dim=audio_dim),
+                             visual_frontend=dict(type="features", dim=visual_dim), audio_target_dim=audio_dim,
+                             visual_target_dim=visual_dim, dtype=dtype, remat=remat, scan_layers=scan_layers,
+                             attention_impl=attention_impl, **model_overrides)
+  c.batch_size = batch
+  c.grad_accum_steps = grad_accum
+  c.data.max_tokens = seq_len
+  c.mesh = ml_collections.ConfigDict(dict(mesh or {"data": -1, "fsdp": 1, "tensor": 1}))
+  c.mesh.rules = ()
+  return c
+
+
+def _geometry(config) -> input_pipeline.Geometry:
+  m = config.model
+  return input_pipeline.Geometry("features", 1, int(m.audio_frontend.dim), 1, int(m.visual_frontend.dim), 0, 0)
+
+
+def synthetic_batch(key: jax.Array, config, shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """A random batch of the pipeline's features-kind layout, made directly on the devices with `shardings`."""
+  b, t = config.batch_size, config.data.max_tokens
+  da, dv = int(config.model.audio_frontend.dim), int(config.model.visual_frontend.dim)
+
+  def make(key):
+    ka, kv, kl = jax.random.split(key, 3)
+    audio = jax.random.normal(ka, (b, t, da), jnp.float32)
+    visual = jax.random.normal(kv, (b, t, dv), jnp.float32)
+    # Valid lengths between T/2 and T, zero padding after them (as the pipeline pads).
+    lengths = jax.random.randint(kl, (b,), (t + 1) // 2, t + 1)
+    mask = jnp.arange(t)[None, :] < lengths[:, None]
+    audio, visual = audio * mask[..., None], visual * mask[..., None]
+    return {"audio": audio, "visual": visual, "mask": mask, "audio_target": audio, "visual_target": visual,
+            "label": jnp.zeros((b,), jnp.int32), "targets": jnp.zeros((b, 3), jnp.float32),
+            "weight": jnp.ones((b,), jnp.float32)}
+
+  return jax.jit(make, out_shardings=dict(shardings))(key)
+
+
+class Step:
+  """The trainer's pretraining step for `config`, compiled for its mesh, with a state and a synthetic batch."""
+
+  def __init__(self, config, devices: Sequence[jax.Device] | None = None):
+    self.config = config
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules_from_config(config.mesh.get("rules"))
+    self.model = train.build_model(config)
+    dummy = input_pipeline.dummy_batch(_geometry(config), config.batch_size, config.data.max_tokens)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      self.abstract_state, self.state_shardings, self._init, tx, schedule = train.create_state(
+          config, self.model, dummy, self.mesh, self.rules)
+    repl = sharding.replicated(self.mesh)
+    self.batch_shardings = {k: sharding.batch_sharding(self.mesh) for k in dummy}
+    self._jitted = jax.jit(train.make_train_step(config, self.model, tx, schedule),
+                           in_shardings=(self.state_shardings, self.batch_shardings, repl),
+                           out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+    self._abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
+                            for k, v in dummy.items()}
+    self.compiled = None
+    self.compile_s = 0.0
+
+  def lower(self):
+    """The traced and lowered step (XLA's cost analysis of the unoptimised program is available from it)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._jitted.lower(self.abstract_state, self._abstract_batch, jax.random.key(0))
+
+  def compile(self):
+    """Compiles the step (compile_s: tracing, lowering and XLA compilation)."""
+    t0 = time.perf_counter()
+    lowered = self.lower()
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      self.compiled = lowered.compile()
+    self.compile_s = time.perf_counter() - t0
+    return self.compiled
+
+  def init_state(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._init()
+
+  def batch(self, seed: int = 0):
+    return synthetic_batch(jax.random.key(seed), self.config, self.batch_shardings)
+
+  def __call__(self, state, batch, rng):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.compiled(state, batch, rng)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing.
+
+
+@dataclasses.dataclass
+class Result:
+  size: str
+  batch: int
+  dtype: str
+  mesh: str
+  remat: bool
+  scan_layers: bool
+  grad_accum: int
+  devices: int
+  compile_s: float = float("nan")
+  step_ms: float = float("nan")
+  clips_per_s: float = float("nan")
+  model_flops_per_clip: float = float("nan")
+  tflops_per_device: float = float("nan")
+  mfu: float = float("nan")            # nan when the peak is unknown (CPU)
+  xla_over_model: float = float("nan")
+  mem_gib: float = float("nan")        # XLA's estimate per device
+  peak_gib: float = float("nan")       # allocator peak per device (GPU / TPU)
+  loss: float = float("nan")
+  error: str = ""
+
+
+def memory_estimate(compiled) -> float:
+  """Bytes per device XLA plans for a compiled step (arguments + outputs + temporaries - aliased), or nan."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.
+    return float("nan")
+  if m is None:
+    return float("nan")
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def device_peak_bytes(devices: Sequence[jax.Device]) -> float:
+  """Largest allocator peak over the local devices (nan where the backend keeps no statistics, e.g. CPU)."""
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(stats["peak_bytes_in_use"])
+  return float(max(peaks)) if peaks else float("nan")
+
+
+def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: float = 0.0,
+                    devices: Sequence[jax.Device] | None = None, compile_only: bool = False) -> Result:
+  """Compiles and times the pretraining step of `config` (median over `steps` steps after `warmup`).
+
+  With compile_only the step is compiled but not run: compile time, XLA's memory estimate and FLOP ratio only
+  (e.g. to plan the memory of a GPU configuration on a CPU machine).
+  """
+  m = config.model
+  res = Result(m.size, config.batch_size, m.dtype, "", bool(m.remat), bool(m.scan_layers),
+               int(config.grad_accum_steps), 0)
+  step = Step(config, devices)
+  res.mesh = mesh_label(dict(step.mesh.shape))
+  res.devices = step.mesh.size
+  res.model_flops_per_clip = model_flops_per_clip(m, config.data.max_tokens, int(m.audio_frontend.dim),
+                                                  int(m.visual_frontend.dim))
+  compiled = step.compile()
+  res.compile_s = step.compile_s
+  res.mem_gib = memory_estimate(compiled) / GIB
+  xla = summary.compiled_flops(compiled) * res.devices  # cost analysis is of the per-device program
+  res.xla_over_model = xla / (res.model_flops_per_clip * config.batch_size) if xla else float("nan")
+  if compile_only:
+    return res
+  state = step.init_state()
+  batch = step.batch(0)
+  rng = jax.random.key(1)
+  times = []
+  out = None
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, out = step(state, batch, rng)
+    jax.block_until_ready((state, out))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  res.loss = float(out["loss"])
+  res.step_ms = 1e3 * statistics.median(times)
+  res.clips_per_s = config.batch_size / (res.step_ms / 1e3)
+  achieved = res.model_flops_per_clip * res.clips_per_s                # model FLOP/s over all devices
+  res.tflops_per_device = achieved / res.devices / 1e12
+  peak = summary.peak_flops(peak_flops)
+  res.mfu = achieved / (peak * res.devices) if peak else float("nan")
+  res.peak_gib = device_peak_bytes(step.mesh.local_devices) / GIB
+  return res
+
+
+def time_loader(path: str, batch: int, seq_len: int, *, num_batches: int = 20, warmup: int = 2,
+                worker_count: int = 0, mesh=None) -> dict[str, float]:
+  """Batches/s and clips/s of the training input pipeline on a prepared directory, including the transfer of each
+  batch onto the devices (`sharding.global_batch`)."""
+  mesh = mesh or sharding.make_mesh({"data": -1})
+  ds = input_pipeline.make_dataset(path, split="train", global_batch_size=batch, seed=0, max_tokens=seq_len,
+                                   worker_count=worker_count)
+  it = iter(ds)
+  for _ in range(warmup):
+    jax.block_until_ready(sharding.global_batch(next(it), mesh))
+  t0 = time.perf_counter()
+  for _ in range(num_batches):
+    jax.block_until_ready(sharding.global_batch(next(it), mesh))
+  dt = time.perf_counter() - t0
+  return {"batches_per_s": num_batches / dt, "clips_per_s": num_batches * batch / dt}
+
+
+def compare_dtypes(size: str, batch: int, *, steps: int = 5, seq_len: int = 100, audio_dim: int = 512,
+                   visual_dim: int = 17, mesh: Mapping[str, int] | None = None,
+                   dtypes: Sequence[str] = ("float32", "bfloat16")) -> dict[str, list[float]]:
+  """Losses of `steps` training steps from the same initial parameters on the same batches, per compute dtype."""
+  losses = {}
+  for dtype in dtypes:
+    step = Step(bench_config(size, batch, dtype, seq_len, audio_dim, visual_dim, mesh=mesh))
+    step.compile()
+    state = step.init_state()  # Parameters are float32 whatever the compute dtype: the same initial values.
+    rng = jax.random.key(1)
+    losses[dtype] = []
+    for i in range(steps):
+      state, out = step(state, step.batch(100 + i), rng)
+      losses[dtype].append(float(out["loss"]))
+  return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table.
+
+
+COLUMNS = (("size", "{}"), ("batch", "{}"), ("dtype", "{}"), ("mesh", "{}"), ("remat", "{}"), ("scan", "{}"),
+           ("accum", "{}"), ("compile s", "{:.1f}"), ("step ms", "{:.1f}"), ("clips/s", "{:,.0f}"),
+           ("TFLOP/s/dev", "{:.3g}"), ("MFU", "{:.1%}"), ("xla/model", "{:.2f}"), ("mem GiB", "{:.3g}"),
+           ("peak GiB", "{:.3g}"))
+
+
+def _cells(r: Result) -> list[str]:
+  values = (r.size, r.batch, r.dtype, r.mesh, "y" if r.remat else "n", "y" if r.scan_layers else "n", r.grad_accum,
+            r.compile_s, r.step_ms, r.clips_per_s, r.tflops_per_device, r.mfu, r.xla_over_model, r.mem_gib,
+            r.peak_gib)
+  cells = []
+  for (_, fmt), v in zip(COLUMNS, values):
+    cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
+  if r.error:
+    cells[7:] = [r.error] + [""] * (len(cells) - 8)
+  return cells
+
+
+def format_table(results: Sequence[Result]) -> str:
+  """A Markdown table of benchmark results."""
+  rows = [[name for name, _ in COLUMNS]] + [_cells(r) for r in results]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+  line = lambda row: "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |"
+  return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] +
+                   [line(r) for r in rows[1:]])
+
+
+def _device_line() -> str:
+  d = jax.devices()[0]
+  return (f"{jax.device_count()} x {d.device_kind} ({d.platform}), {jax.process_count()} process(es), "
+          f"jax {jax.__version__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_list("size", ["base"], "Model sizes (tiny, small, base, large).")
+  flags.DEFINE_list("batch", ["64"], "Global batch sizes.")
+  flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes (float32, bfloat16).")
+  flags.DEFINE_string("mesh", "data=-1", "Mesh, e.g. 'data=-1' or 'data=2,fsdp=4'.")
+  flags.DEFINE_integer("steps", 20, "Timed steps per configuration (the median is reported).")
+  flags.DEFINE_bool("compile_only", False, "Only compile: compile time, memory estimate and FLOP ratio.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
+  flags.DEFINE_integer("seq", 100, "Tokens per clip (T).")
+  flags.DEFINE_list("features", ["512", "17"], "Audio and visual feature widths.")
+  flags.DEFINE_list("remat", ["false"], "Rematerialise layers: false, true or both.")
+  flags.DEFINE_list("scan_layers", ["false"], "Scan over layers: false, true or both.")
+  flags.DEFINE_list("grad_accum", ["1"], "Gradient accumulation steps (micro-batches per step).")
+  flags.DEFINE_string("attention_impl", "", "jax.nn.dot_product_attention implementation ('', 'xla', 'cudnn').")
+  flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s of one device (default: from the device kind).")
+  flags.DEFINE_string("loader", "", "Prepared dataset directory: also time the input pipeline on it.")
+  flags.DEFINE_integer("loader_batches", 20, "Batches timed per loader measurement.")
+  flags.DEFINE_integer("loader_workers", 0, "Grain prefetch worker processes for the loader measurement.")
+  flags.DEFINE_bool("compare_dtypes", False, "Also train a few steps in float32 and bfloat16 and compare losses.")
+  flags.DEFINE_integer("compare_steps", 5, "Steps of the dtype comparison.")
+  flags.DEFINE_float("compare_rtol", 0.02, "Largest relative loss difference bfloat16 vs float32 that passes.")
+  flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+  return flags.FLAGS
+
+
+def _bools(values: Sequence[str]) -> list[bool]:
+  out = []
+  for v in values:
+    if v.lower() not in ("true", "false", "1", "0", "y", "n"):
+      raise ValueError(f"expected true/false, got {v!r}")
+    out.append(v.lower() in ("true", "1", "y"))
+  return out
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  audio_dim, visual_dim = (int(x) for x in f.features)
+  mesh = parse_mesh(f.mesh)
+  print(_device_line(), flush=True)
+  peak = summary.peak_flops(f.peak_flops)
+  print(f"peak {peak / 1e12:.0f} TFLOP/s per device" if peak else "peak FLOP/s unknown for this device: MFU not "
+        "shown (give --peak_flops)", flush=True)
+  results = []
+  for size in f.size:
+    for batch in (int(b) for b in f.batch):
+      for dtype in f.dtype:
+        for remat in _bools(f.remat):
+          for scan in _bools(f.scan_layers):
+            for accum in (int(a) for a in f.grad_accum):
+              config = bench_config(size, batch, dtype, f.seq, audio_dim, visual_dim, mesh=mesh, remat=remat,
+                                    scan_layers=scan, grad_accum=accum, attention_impl=f.attention_impl)
+              try:
+                r = time_train_step(config, steps=f.steps, warmup=f.warmup, peak_flops=f.peak_flops,
+                                    compile_only=f.compile_only)
+              except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the other rows)
+                r = Result(size, batch, dtype, mesh_label(mesh), remat, scan, accum, jax.device_count(),
+                           error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+              results.append(r)
+              print(format_table([r]).splitlines()[-1], flush=True)
+  print()
+  print(f"pretraining step, T={f.seq}, features {audio_dim}/{visual_dim}, {_device_line()}")
+  print(format_table(results))
+  report = {"device": _device_line(), "seq": f.seq, "features": [audio_dim, visual_dim],
+            "results": [dataclasses.asdict(r) for r in results]}
+  if f.loader:
+    loader_rows = []
+    for batch in sorted({int(b) for b in f.batch}):
+      lr = time_loader(f.loader, batch, f.seq, num_batches=f.loader_batches, worker_count=f.loader_workers)
+      loader_rows.append({"batch": batch, **lr})
+      print(f"loader {f.loader}: batch {batch}, T={f.seq}, {f.loader_workers} workers: "
+            f"{lr['batches_per_s']:.2f} batches/s = {lr['clips_per_s']:,.0f} clips/s")
+    report["loader"] = loader_rows
+  if f.compare_dtypes:
+    size, batch = f.size[0], int(f.batch[0])
+    losses = compare_dtypes(size, batch, steps=f.compare_steps, seq_len=f.seq, audio_dim=audio_dim,
+                            visual_dim=visual_dim, mesh=mesh)
+    print(f"\nfloat32 vs bfloat16, {size} b{batch}: same initial parameters and batches")
+    print("| step | loss float32 | loss bfloat16 | rel. diff |\n|---|---|---|---|")
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(losses["float32"], losses["bfloat16"]), 1):
+      rel = abs(b - a) / max(abs(a), 1e-12)
+      worst = max(worst, rel)
+      print(f"| {i} | {a:.5f} | {b:.5f} | {rel:.2e} |")
+    ok = worst <= f.compare_rtol and all(math.isfinite(x) for v in losses.values() for x in v)
+    print(f"dtype check: {'PASS' if ok else 'FAIL'} (largest relative difference {worst:.2e}, "
+          f"tolerance {f.compare_rtol:g})")
+    report["compare_dtypes"] = {"losses": losses, "worst_rel_diff": worst, "pass": ok}
+  if f.json:
+    with open(f.json, "w") as fh:
+      json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

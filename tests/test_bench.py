@@ -1,0 +1,107 @@
+"""Benchmark tests: the analytic FLOP count against XLA's cost analysis of the compiled train step (CPU, small
+models), and one end-to-end run of `python -m avt_jax.bench` on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from avt_jax import bench, config_lib, summary
+
+CACHE = os.path.join(os.environ.get("PYTEST_XLA_CACHE", "/tmp"), f"avt_jax_test_xla_{os.getuid()}")
+NO_DROPOUT = dict(embed_dropout=0.0, residual_dropout=0.0, relu_dropout=0.0, joint_attention_dropout=0.0)
+
+
+def _config(size, batch, seq, **model):
+  return bench.bench_config(size, batch, "float32", seq, 24, 7, mesh={"data": 1, "fsdp": 1, "tensor": 1}, **model)
+
+
+def test_model_flops_match_xla_cost_analysis():
+  # The `small` preset (width 96, 4 heads, 2 layers) without dropout: XLA's count of the compiled step also holds
+  # elementwise work (softmax, LayerNorm, the optimizer update) and came out 2% above the model FLOPs.
+  config = _config("small", 16, 32, **NO_DROPOUT)
+  compiled = bench.Step(config, jax.devices()[:1]).compile()
+  xla = summary.compiled_flops(compiled)
+  model = 16 * bench.model_flops_per_clip(config.model, 32, 24, 7)
+  assert 1.0 <= xla / model < 1.10, xla / model
+
+
+def _lowered_flops(config) -> float:
+  """XLA's cost analysis of the step before optimisation (within 0.2% of the compiled count here; no compile)."""
+  cost = bench.Step(config, jax.devices()[:1]).lower().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def test_attention_flops_grow_quadratically_like_xla():
+  # Cost as a function of T: a + b T + c T^2 (a: the optimizer update; b T: projections, feed-forward, heads; c T^2:
+  # QK^T and AV). The second difference f(4T) - 3 f(2T) + 2 f(T) = 6 c T^2 keeps only the attention part.
+  # Without dropout (its random bits over the attention scores are also T^2).
+  cfg = dict(width=64, num_heads=4, num_layers=1, **NO_DROPOUT)
+  seqs = (16, 32, 64)
+  configs = [_config("custom", 8, t, **cfg) for t in seqs]
+  model = [8 * bench.model_flops_per_clip(c.model, t, 24, 7) for c, t in zip(configs, seqs)]
+  xla = [_lowered_flops(c) for c in configs]
+  second = lambda f: f[2] - 3 * f[1] + 2 * f[0]
+  # Softmax over the scores is T^2 work too: measured 1.05.
+  assert 0.95 < second(xla) / second(model) < 1.10, second(xla) / second(model)
+  assert 1.0 <= xla[2] / model[2] < 1.15, xla[2] / model[2]
+  # Hand count of that part: 3 encoders x 1 layer x (QK^T + AV = 4 T^2 w FLOPs forward, x3 with backward) x batch,
+  # with widths 64, 64 and 128 (the joint encoder is twice as wide): 6 c T^2 at T=16.
+  c = 3 * 4 * (64 + 64 + 128) * 8
+  assert second(model) == 6 * c * 16 ** 2
+
+
+def test_paper_base_model_flops_by_hand():
+  # Base (d=240, 4 layers, MLP 4d) at T=100 with 512 / 17 features, forward per clip:
+  #   cross layer (d):  24 T d^2 + 4 T^2 d = 138,240,000 + 9,600,000; two cross encoders of 4 layers
+  #   joint layer (2d): 24 T (2d)^2 + 4 T^2 (2d) = 552,960,000 + 19,200,000; 4 layers
+  #   frontends: 2 T (512 + 17) d = 25,392,000; heads: 2 x 4 T (2d)^2 + 2 T (2d)(512 + 17) = 184,320,000 + 50,784,000
+  fwd = 8 * (138_240_000 + 9_600_000) + 4 * (552_960_000 + 19_200_000) + 25_392_000 + 184_320_000 + 50_784_000
+  cfg = bench.bench_config("base", 64).model
+  assert bench.model_flops_per_clip(cfg, 100, 512, 17) == 3 * fwd - 25_392_000
+
+
+def test_parse_mesh():
+  assert bench.parse_mesh("data=-1") == {"data": -1, "fsdp": 1, "tensor": 1}
+  assert bench.parse_mesh("fsdp=4") == {"data": -1, "fsdp": 4, "tensor": 1}
+  assert bench.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+  with pytest.raises(ValueError, match="axis=size"):
+    bench.parse_mesh("model=2")
+
+
+def test_bench_command_prints_the_table(tmp_path):
+  out = tmp_path / "bench.json"
+  # Backend optimisation off: 2-3x faster CPU compiles; the numbers checked here do not depend on it. The persistent
+  # compilation cache makes reruns fast.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+             JAX_PLATFORMS="cpu", PYTHONPATH=config_lib.REPO, JAX_COMPILATION_CACHE_DIR=CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  cmd = [sys.executable, "-m", "avt_jax.bench", "--size=tiny", "--batch=8", "--dtype=float32", "--seq=8",
+         "--features=24,7", "--steps=3", "--warmup=1", "--mesh=data=2",
+         f"--loader={config_lib.SAMPLE}", "--loader_batches=3", "--compare_dtypes", "--compare_steps=3",
+         f"--json={out}"]
+  proc = subprocess.run(cmd, env=env, cwd=config_lib.REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = proc.stdout
+  header = [l for l in text.splitlines() if l.startswith("| size")]
+  assert header and all(c in header[0] for c in ("compile s", "step ms", "clips/s", "TFLOP/s/dev", "MFU", "mem GiB"))
+  assert "dtype check: PASS" in text
+  assert "batches/s" in text
+  report = json.load(open(out))
+  rows = report["results"]
+  assert len(rows) == 1
+  for r in rows:
+    assert not r["error"]
+    assert r["mesh"] == "d2" and r["devices"] == 2
+    np.testing.assert_allclose(r["clips_per_s"], 8 / (r["step_ms"] / 1e3), rtol=1e-9)
+    np.testing.assert_allclose(r["tflops_per_device"] * 1e12 * 2, r["model_flops_per_clip"] * r["clips_per_s"],
+                               rtol=1e-9)
+    assert np.isnan(r["mfu"])  # No peak for CPU.
+    assert r["mem_gib"] > 0 and np.isfinite(r["loss"])
+  losses = report["compare_dtypes"]["losses"]
+  assert len(losses["float32"]) == len(losses["bfloat16"]) == 3
+  assert report["loader"][0]["clips_per_s"] > 0
