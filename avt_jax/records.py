@@ -42,6 +42,14 @@ def decode(data: bytes, where: str = "") -> dict[str, Any]:
   return ex
 
 
+def write_atomic(path: str, data: bytes | str) -> None:
+  """Writes a small file whole or not at all (temporary file, then rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+  os.replace(tmp, path)
+
+
 def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> int:
   """Writes examples to `path` atomically (temporary file, then rename). Returns the record count."""
   tmp = path + ".tmp"

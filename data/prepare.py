@@ -212,13 +212,6 @@ def _sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _read_record(path: str) -> dict:
   with open(path, "rb") as f:
     return records.decode(f.read(), path)
@@ -266,8 +259,8 @@ def process_task(task: Task, kind: str, config: extract_lib.ExtractConfig, work:
   if strict and entry["category"] == ERROR:
     return entry
   if record is not None:
-    _write_atomic(_entry_path(work, task.index, ".rec"), records.encode(record))
-  _write_atomic(_entry_path(work, task.index, ".json"), json.dumps(entry, sort_keys=True).encode())
+    records.write_atomic(_entry_path(work, task.index, ".rec"), records.encode(record))
+  records.write_atomic(_entry_path(work, task.index, ".json"), json.dumps(entry, sort_keys=True).encode())
   return entry
 
 
@@ -320,7 +313,7 @@ class _Writer:
           records.write_shard(path, (_read_record(_entry_path(self.work, e["index"], ".rec"))
                                      for e in entries if e["status"] == "ok"))
         else:
-          _write_atomic(empty_marker, b"")
+          records.write_atomic(empty_marker, b"")
       else:
         self._note_dims(entries)
       for t in tasks:
@@ -347,7 +340,7 @@ class _Writer:
         e.update(status="skipped", category=ERROR, reason=f"feature widths (audio, visual) = {dims} differ from "
                                                           f"{self.dims} of the first clip")
         e.pop("_stats", None)
-        _write_atomic(_entry_path(self.work, e["index"], ".json"), json.dumps(e, sort_keys=True).encode())
+        records.write_atomic(_entry_path(self.work, e["index"], ".json"), json.dumps(e, sort_keys=True).encode())
         os.remove(_entry_path(self.work, e["index"], ".rec"))
 
   def finalise(self, plan: dict) -> dict:
@@ -357,12 +350,12 @@ class _Writer:
     for e in entries:
       e.pop("_stats", None)
     lines = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
-    _write_atomic(os.path.join(self.options.output, MANIFEST), lines.encode())
+    records.write_atomic(os.path.join(self.options.output, MANIFEST), lines.encode())
     shards = [self.shard_name(s) for s in range(self.num_shards)
               if any(e["status"] == "ok" for e in entries[s * self.options.shard_size:
                                                            (s + 1) * self.options.shard_size])]
     info = self._dataset_info(ok, stats, shards, entries, plan)
-    _write_atomic(os.path.join(self.options.output, records.DATASET_INFO),
+    records.write_atomic(os.path.join(self.options.output, records.DATASET_INFO),
                   (json.dumps(info, indent=1, sort_keys=False) + "\n").encode())
     return info
 
@@ -437,7 +430,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
   elif os.listdir(os.path.join(out, SHARD_DIR)):
     raise PrepareError(f"{out}/{SHARD_DIR} already has files but no preparation record; choose a new --output")
   else:
-    _write_atomic(plan_path, json.dumps(plan, sort_keys=True).encode())
+    records.write_atomic(plan_path, json.dumps(plan, sort_keys=True).encode())
 
   writer = _Writer(options, tasks, work)
   writer.flush()

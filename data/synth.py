@@ -179,15 +179,8 @@ def write_part(directory: str, clips: Sequence[dict], stats: dict, description: 
       "num_clips": len(clips), "shards": [SHARD], "dataset": DATASET, "description": description,
       "classes": list(CLASS_NAMES), "targets": ["arousal", "valence", "dominance"], "generator": generator,
   }
-  _write_text(os.path.join(directory, "manifest.jsonl"), lines)
-  _write_text(os.path.join(directory, records.DATASET_INFO), json.dumps(info, indent=1) + "\n")
-
-
-def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  records.write_atomic(os.path.join(directory, "manifest.jsonl"), lines)
+  records.write_atomic(os.path.join(directory, records.DATASET_INFO), json.dumps(info, indent=1) + "\n")
 
 
 def _check_replaceable(output: str) -> None:

@@ -45,6 +45,15 @@ def main_argv(python: str, config: str, workdir: str, extra: Sequence[str] = ())
   return [python, "-m", "avt_jax.main", f"--config={config}", f"--workdir={workdir}", *extra]
 
 
+def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(launcher flags, flags after `--` for avt_jax.main)."""
+  argv = list(argv)
+  if "--" in argv:
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+  return argv, []
+
+
 def check_extra_args(extra: Sequence[str]) -> list[str]:
   """Arguments passed through to avt_jax.main (after `--`): each must be a flag (`--name=value` or `--flag`)."""
   extra = [a for a in extra if a != "--"]

@@ -451,11 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, runner: Callable = common.default_runner, out=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  extra: list[str] = []
-  if "--" in argv:
-    i = argv.index("--")
-    argv, extra = argv[:i], argv[i + 1:]
+  argv, extra = common.split_extra(sys.argv[1:] if argv is None else argv)
   out = out or sys.stdout
   try:
     args = build_parser().parse_args(argv)
