@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import ml_collections
 
@@ -13,6 +14,23 @@ SAMPLE = os.path.join(REPO, "sample", "prepared")
 # The synthetic audio-visual benchmark (written by `python -m data.synth`, see README).
 SYNTH = os.path.join(REPO, "sample", "avt_synth")
 CREMA_D_CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+
+
+def from_json(value: Any) -> Any:
+  """A JSON value as a config value: lists become tuples (configs hold tuples, which overrides accept), recursively."""
+  if isinstance(value, list):
+    return tuple(from_json(v) for v in value)
+  if isinstance(value, dict):
+    return {k: from_json(v) for k, v in value.items()}
+  return value
+
+
+def use_data(c: ml_collections.ConfigDict, path: str, data_filter: dict | None = None) -> None:
+  """Trains, validates and tests on one prepared directory (the same `data_filter` on every split)."""
+  for split in ("train", "eval", "test"):
+    c.data[split] = path
+    if data_filter is not None:
+      c.data[f"{split}_filter"] = data_filter
 
 
 def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from avt_jax import records
+from avt_jax import config_lib, records
 from data import extract as extract_lib
 from data import face as face_lib
 from data import logmel as logmel_lib
@@ -68,14 +68,6 @@ def clip_error_message(e: media_lib.ClipError) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tuples(value: Any) -> Any:
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return value
-
-
 def load_run_config(workdir: str):
   """The run's config.json as an ml_collections ConfigDict (lists as tuples, like the config files)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -85,7 +77,7 @@ def load_run_config(workdir: str):
     raise PredictError(f"{path}: not found; --workdir must be a fine-tuning run directory (python -m avt_jax.main "
                        f"with configs/finetune_*.py)")
   try:
-    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    config = ml_collections.ConfigDict(config_lib.from_json(json.loads(path.read_text())))
   except (json.JSONDecodeError, TypeError, ValueError) as e:
     raise PredictError(f"{path}: not a valid run config ({e})") from e
   if config.get("mode") == "pretrain" or config.get("task") not in ("classification", "regression"):

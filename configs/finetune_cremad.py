@@ -17,12 +17,8 @@ def get_config(arg: str = ""):
   c.model.num_classes = len(config_lib.CREMA_D_CLASSES)
   c.model.readout = "last"
   crema = {"where": {"dataset": ("crema_d",)}}
-  c.data.train = config_lib.SAMPLE
-  c.data.eval = config_lib.SAMPLE        # validation: selects the checkpoint
-  c.data.test = config_lib.SAMPLE        # evaluated once, at the selected checkpoint
-  c.data.train_filter = crema
-  c.data.eval_filter = crema
-  c.data.test_filter = crema
+  # Validation (data.eval) selects the checkpoint; data.test is evaluated once, at the selected checkpoint.
+  config_lib.use_data(c, config_lib.SAMPLE, crema)
   c.total_steps = 60
   c.eval_every_steps = 20
   c.checkpoint_every_steps = 20

@@ -22,12 +22,8 @@ def get_config(arg: str = ""):
   c.loss.target_indices = (0, 1)         # arousal, valence (dominance = 2)
   c.loss.target_names = ("arousal", "valence")
   rated = {"where": {"dataset": ("crema_d",)}}
-  c.data.train = config_lib.SAMPLE
-  c.data.eval = config_lib.SAMPLE
-  c.data.test = config_lib.SAMPLE
-  c.data.train_filter = rated
-  c.data.eval_filter = rated
-  c.data.test_filter = rated
+  # Validation (data.eval) selects the checkpoint; data.test is evaluated once, at the selected checkpoint.
+  config_lib.use_data(c, config_lib.SAMPLE, rated)
   c.batch_size = 4
   c.eval_batch_size = 4
   c.total_steps = 60

@@ -47,6 +47,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from avt_jax import config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONFIG = os.path.join("configs", "sweeps", "run.py")
 INITS = ("pretrained", "scratch")
@@ -89,15 +91,6 @@ def load_config_file(config: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
-def _as_config_value(value: Any) -> Any:
-  """JSON value -> config value: lists become tuples (configs hold tuples), recursively."""
-  if isinstance(value, list):
-    return tuple(_as_config_value(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _as_config_value(v) for k, v in value.items()}
-  return value
-
-
 NEW_KEYS = ("data.train_filter", "data.eval_filter", "data.test_filter")  # May be absent from a base config.
 
 
@@ -112,7 +105,7 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
         raise SweepError(f"override {key!r}: the config has no field {'.'.join(parts[:i + 1])!r}")
       if i < len(parts) - 1:
         node = node[part]
-    value = _as_config_value(value)
+    value = config_lib.from_json(value)
     try:
       if parts[-1] in node and value is not None and isinstance(node[parts[-1]], float) and isinstance(value, int):
         value = float(value)
