@@ -12,14 +12,19 @@ only `params/encoder` onto whatever shardings the new run asks for.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from avt_jax import records
 
 STATE, DATA_ITER = "state", "data_iter"
 
@@ -28,8 +33,14 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint's parameters do not fit the model that should receive them."""
 
 
+class CheckpointError(RuntimeError):
+  """No intact checkpoint could be restored, or a save failed; the message says what was tried and what is kept."""
+
+
 def make_manager(workdir: str, *, keep: int, save_interval_steps: int = 1, async_save: bool = True,
                  with_data_iter: bool = True) -> ocp.CheckpointManager:
+  if "://" not in workdir and not os.path.isabs(workdir):
+    raise ValueError(f"checkpoint directory {workdir!r} must be absolute (entry points make paths absolute)")
   names = (STATE, DATA_ITER) if with_data_iter else (STATE,)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
@@ -51,6 +62,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
     items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored[STATE]
+
+
+def stored_process_count(directory: epath.Path | str) -> int | None:
+  """The process count a checkpoint step's iterator state was written for (process_<i>-of-<n>.json), if any."""
+  d = epath.Path(directory) / DATA_ITER
+  if not d.exists():
+    return None
+  counts = {int(m.group(1)) for f in d.iterdir() if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name))}
+  return max(counts) if counts else None
 
 
 def has_iterator_state(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -102,25 +122,15 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(getattr(x, "shape", ()))
 
 
-def restore_params(path: str, abstract: Mapping[str, Any], subtree: str | None = None,
-                   prefer_best: bool = False) -> dict[str, Any]:
-  """Restores `params` (or `params/<subtree>`) of a checkpoint onto `abstract` (ShapeDtypeStructs + shardings).
+def _stored_tree(state_dir) -> Any:
+  """The stored tree (shapes, dtypes) of a `state` item, read by the item's handler: the step-level metadata
+  lives one directory up, and asking a Checkpointer for it here only logs that it is missing."""
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+  return getattr(meta, "tree", meta)
 
-  Raises CheckpointMismatchError naming every missing, unexpected or mis-shaped parameter.
-  """
-  state_dir = resolve_state_dir(path, prefer_best)
-  checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(state_dir)
-  meta = getattr(meta, "item_metadata", meta)
-  meta_tree = getattr(meta, "tree", meta)
-  where = "params" + (f"/{subtree}" if subtree else "")
-  stored_tree = meta_tree.get("params") if isinstance(meta_tree, Mapping) else None
-  if subtree and isinstance(stored_tree, Mapping):
-    stored_tree = stored_tree.get(subtree)
-  if not isinstance(stored_tree, Mapping):
-    raise CheckpointMismatchError(f"{state_dir}: no {where} in this checkpoint")
-  stored = _flat(stored_tree)
-  wanted = _flat(abstract)
+
+def _raise_if_mismatch(state_dir, where: str, stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
+  """Raises CheckpointMismatchError naming every missing, unexpected or mis-shaped parameter."""
   missing = sorted(set(wanted) - set(stored))
   unexpected = sorted(set(stored) - set(wanted))
   misshaped = sorted(f"{k}: checkpoint {_shape(stored[k])} vs model {_shape(wanted[k])}"
@@ -135,6 +145,24 @@ def restore_params(path: str, abstract: Mapping[str, Any], subtree: str | None =
       lines.append(f"  shape mismatch ({len(misshaped)}): " + "; ".join(misshaped[:20]))
     lines.append("  (check model.size / width / layers and the frontend types against the checkpoint's config.json)")
     raise CheckpointMismatchError("\n".join(lines))
+
+
+def restore_params(path: str, abstract: Mapping[str, Any], subtree: str | None = None,
+                   prefer_best: bool = False) -> dict[str, Any]:
+  """Restores `params` (or `params/<subtree>`) of a checkpoint onto `abstract` (ShapeDtypeStructs + shardings).
+
+  Raises CheckpointMismatchError naming every missing, unexpected or mis-shaped parameter.
+  """
+  state_dir = resolve_state_dir(path, prefer_best)
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta_tree = _stored_tree(state_dir)
+  where = "params" + (f"/{subtree}" if subtree else "")
+  stored_tree = meta_tree.get("params") if isinstance(meta_tree, Mapping) else None
+  if subtree and isinstance(stored_tree, Mapping):
+    stored_tree = stored_tree.get(subtree)
+  if not isinstance(stored_tree, Mapping):
+    raise CheckpointMismatchError(f"{state_dir}: no {where} in this checkpoint")
+  _raise_if_mismatch(state_dir, where, _flat(stored_tree), _flat(abstract))
   target = {"params": {subtree: abstract} if subtree else abstract}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   restored = checkpointer.restore(
@@ -158,3 +186,152 @@ def save_pretrained(directory: str, params: Mapping[str, Any], config: Mapping[s
   manager.close()
   (d / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
   return os.fspath(d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints: found at restore time, moved aside (never deleted), the next older step tried.
+
+
+def move_aside(path: epath.Path) -> epath.Path:
+  """Renames a damaged checkpoint directory to <name>.damaged (or .damaged-2, ...) and returns the new path.
+
+  Orbax only lists directories named by a step number, so the renamed one is ignored by every later run but kept
+  for inspection.
+  """
+  target = path.parent / f"{path.name}.damaged"
+  n = 1
+  while target.exists():
+    n += 1
+    target = path.parent / f"{path.name}.damaged-{n}"
+  path.rename(target)
+  return target
+
+
+def _reason(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:400]}" if text else type(e).__name__
+
+
+def check_params_fit(state_dir: epath.Path, abstract_params: Mapping[str, Any]) -> None:
+  """Raises CheckpointMismatchError if the stored parameter tree differs from `abstract_params`.
+
+  Reads only the checkpoint's metadata. A model change is a config error, not damage: the checkpoint is kept.
+  """
+  tree = _stored_tree(state_dir)
+  stored_tree = tree.get("params") if isinstance(tree, Mapping) else None
+  if not isinstance(stored_tree, Mapping):
+    raise ValueError(f"{state_dir}: the checkpoint metadata has no params")
+  _raise_if_mismatch(state_dir, "params", _flat(stored_tree), _flat(abstract_params))
+
+
+def restore_latest_intact(make: Callable[[], ocp.CheckpointManager], abstract_state: Any, data_iter=None,
+                          on_other_process_count: Callable[[int], None] | None = None):
+  """Restores the newest intact checkpoint of a manager's directory. Returns (manager, step or None, state).
+
+  A step whose files are missing, truncated or unreadable is reported with the reason, moved to
+  `<step>.damaged` and the next older step is tried. If checkpoints exist but none is intact, raises
+  CheckpointError listing each step tried and why. A checkpoint of another model raises CheckpointMismatchError
+  (nothing is moved). `make` builds the manager (it is rebuilt after a step is moved aside). When a step has no
+  iterator state for this process count, only the state is restored and `on_other_process_count(step)` is called.
+  """
+  manager = make()
+  tried = []
+  while True:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+      if tried:
+        manager.close()
+        raise CheckpointError(f"no intact checkpoint in {manager.directory}; tried (and moved aside):\n  " +
+                              "\n  ".join(tried))
+      return manager, None, None
+    step = steps[0]
+    step_dir = epath.Path(manager.directory) / str(step)
+    try:
+      check_params_fit(step_dir / STATE, abstract_state["params"])
+      if data_iter is not None and has_iterator_state(manager, step):
+        return manager, step, restore(manager, step, abstract_state, data_iter)
+      state = restore(manager, step, abstract_state)
+      if data_iter is not None and on_other_process_count is not None:
+        on_other_process_count(step)
+      return manager, step, state
+    except CheckpointMismatchError:
+      manager.close()
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any read failure means this step cannot be used)
+      reason = _reason(e)
+      manager.close()
+      moved = None
+      if jax.process_index() == 0:
+        moved = move_aside(step_dir)
+      if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"avt_jax_moved_damaged_{step}")
+      tried.append(f"step {step}: {reason} (now {moved or step_dir.name + '.damaged'})")
+      logging.warning("checkpoint step %d in %s is damaged (%s); moved it to %s and trying the next older step",
+                      step, manager.directory, reason, moved)
+      manager = make()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Failed asynchronous saves: raised in the training thread at the next step boundary.
+
+
+class _SaveFailureLog(logging_std.Handler):
+  """Keeps the exception of the last failed background commit that Orbax logged (it raises nothing itself)."""
+
+  def __init__(self):
+    super().__init__(level=logging_std.ERROR)
+    self.cause: str | None = None
+
+  def emit(self, record):
+    if "/orbax/" in record.pathname and record.exc_info and record.exc_info[1] is not None:
+      self.cause = _reason(record.exc_info[1])
+
+
+class SaveMonitor:
+  """Saves through a manager and turns a failed save, synchronous or in the background, into CheckpointError.
+
+  Orbax commits an asynchronous save in a background thread; when that commit fails (full disk, lost
+  permission) it logs the error, leaves the step uncommitted and keeps the older checkpoints, but the training
+  thread is not told. `check()` runs at every step boundary: once the pending save is over, the step must be
+  committed, else the run stops with the cause. The last committed checkpoint is never touched.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self.pending: int | None = None
+    self.last_committed = manager.latest_step()
+    self._log = _SaveFailureLog()
+    logging_std.getLogger("absl").addHandler(self._log)
+
+  def close(self) -> None:
+    logging_std.getLogger("absl").removeHandler(self._log)
+
+  def _fail(self, step: int, cause: str):
+    last = (f"the last committed checkpoint (step {self.last_committed}) is intact in {self.manager.directory}"
+            if self.last_committed is not None else "no checkpoint has been committed yet")
+    raise CheckpointError(f"saving checkpoint step {step} to {self.manager.directory} failed: {cause}; {last}")
+
+  def check(self, wait: bool = False) -> None:
+    if self.pending is None:
+      return
+    try:
+      if wait:
+        self.manager.wait_until_finished()
+      elif self.manager.is_saving_in_progress():
+        return
+    except Exception as e:  # pylint: disable=broad-except
+      step, self.pending = self.pending, None
+      self._fail(step, self._log.cause or _reason(e))
+    step, self.pending = self.pending, None
+    step_dir = epath.Path(self.manager.directory) / str(step)
+    if self._log.cause or not (step_dir.exists() and ocp.utils.is_checkpoint_finalized(step_dir)):
+      self._fail(step, self._log.cause or "the step was not committed (see the log above)")
+    self.last_committed = step
+
+  def save(self, step: int, state: Any, data_iter=None) -> None:
+    self.check(wait=True)
+    try:
+      save(self.manager, step, state, data_iter, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, self._log.cause or _reason(e))
+    self.pending = step

@@ -25,9 +25,58 @@ def from_json(value: Any) -> Any:
   return value
 
 
+def absolute_path(path: str) -> str:
+  """`path` made absolute against the current directory; '' and remote paths (gs://...) are returned as they are.
+
+  Orbax refuses relative checkpoint paths, and a run's config.json must name the same files from any directory,
+  so every path a command line gives is made absolute once, at the entry point, before anything is written.
+  """
+  if not path or "://" in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_spec(spec: Any) -> Any:
+  """A dataset spec (path, 'tfds:<name>/<split>', mapping or list of them) with its file paths made absolute."""
+  if isinstance(spec, str):
+    return spec if spec.startswith("tfds:") else absolute_path(spec)
+  if isinstance(spec, (list, tuple)):
+    return type(spec)(_absolute_spec(s) for s in spec)
+  if isinstance(spec, (dict, ml_collections.ConfigDict)):
+    out = dict(spec.items())
+    if isinstance(out.get("path"), str):
+      out["path"] = _absolute_spec(out["path"])
+    for key in ("data_dir", "info_dir"):
+      if isinstance(out.get(key), str):
+        out[key] = absolute_path(out[key])
+    return type(spec)(out) if isinstance(spec, ml_collections.ConfigDict) else out
+  return spec
+
+
+DATA_SPLITS = ("train", "eval", "test")
+
+
+def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
+  """Makes the config's paths absolute in place: init_from, data.<split>, compilation_cache_dir, workdir."""
+  with config.unlocked():
+    if config.get("init_from"):
+      config.init_from = absolute_path(config.init_from)
+    if config.get("workdir"):
+      config.workdir = absolute_path(config.workdir)
+    cache = config.get("compilation_cache_dir", "")
+    if cache and cache.lower() != "none":
+      config.compilation_cache_dir = absolute_path(cache)
+    data = config.get("data")
+    if data is not None:
+      with data.unlocked():
+        for split in DATA_SPLITS:
+          if data.get(split):
+            data[split] = _absolute_spec(data[split])
+
+
 def use_data(c: ml_collections.ConfigDict, path: str, data_filter: dict | None = None) -> None:
   """Trains, validates and tests on one prepared directory (the same `data_filter` on every split)."""
-  for split in ("train", "eval", "test"):
+  for split in DATA_SPLITS:
     c.data[split] = path
     if data_filter is not None:
       c.data[f"{split}_filter"] = data_filter
@@ -52,6 +101,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.select_metric = ""              # validation metric selecting the checkpoint ('' = masked_l1 / accuracy / ccc_mean)
   c.compilation_cache_dir = ""      # '' = ~/.cache/avt_jax/xla, 'none' = off
   c.peak_flops = 0.0                # per device, for MFU; 0 = from the device kind table
+  c.allow_resume_changes = ""       # comma-separated config fields (or 'process_count') a resume may change
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.mesh.rules = ()                 # () = avt_jax.sharding.DEFAULT_RULES

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging as logging_std
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -60,12 +61,22 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _should_initialize_distributed():
     initialize_distributed()
-  from avt_jax import train  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, config_lib, records, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   workdir = FLAGS.workdir or config.get("workdir")
   if not workdir:
     raise app.UsageError("give --workdir (or set config.workdir)")
-  result = train.run(config, workdir)
+  # Relative paths are resolved here, against the directory the command runs in, before anything is written.
+  workdir = config_lib.absolute_path(workdir)
+  config_lib.make_paths_absolute(config)
+  try:
+    result = train.run(config, workdir)
+  except (train.TrainingError, checkpointing.CheckpointError, checkpointing.CheckpointMismatchError,
+          records.RecordError, ValueError, FileNotFoundError, KeyError) as e:
+    # The traceback goes to the log; the cause is the last line a user sees.
+    logging.error("the run stopped", exc_info=True)
+    print(f"avt_jax.main: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   logging.info("finished: %s", json.dumps(result, default=float))
   print(json.dumps(result, default=float))
 

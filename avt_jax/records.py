@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -42,12 +43,66 @@ def decode(data: bytes, where: str = "") -> dict[str, Any]:
   return ex
 
 
-def write_atomic(path: str, data: bytes | str) -> None:
-  """Writes a small file whole or not at all (temporary file, then rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data.encode() if isinstance(data, str) else data)
-  os.replace(tmp, path)
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+  """Writes a small file whole or not at all: a unique temporary file beside it, flushed, then renamed over it.
+
+  A reader (or a process killed mid-write) sees either the old file or the new one, never a torn one. Remote
+  paths (gs://, anything with a scheme) are written in one object upload, which is atomic already.
+  """
+  payload = data.encode() if isinstance(data, str) else bytes(data)
+  path = os.fspath(path)
+  if "://" in path:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(path).write_bytes(payload)
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(payload)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+  """Parses a small JSON state file; a missing or malformed one raises RecordError naming the path and the line."""
+  path = os.fspath(path)
+  try:
+    if "://" in path:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      text = epath.Path(path).read_text()
+    else:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+  except FileNotFoundError as e:
+    raise RecordError(f"{path}: {what} not found") from e
+  except UnicodeDecodeError as e:
+    raise RecordError(f"{path}: {what} is not UTF-8 text ({e})") from e
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RecordError(f"{path}:{e.lineno}: malformed {what}: {e.msg} (line {e.lineno}, column {e.colno})") from e
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[Any]:
+  """Parses a JSON-lines file (blank lines skipped); a bad line raises RecordError naming the path and line."""
+  path = os.fspath(path)
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise RecordError(f"{path}:{lineno}: malformed {what} line: {e.msg} (column {e.colno})") from e
+  return rows
 
 
 def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> int:
@@ -77,8 +132,7 @@ def load_dataset_info(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, DATASET_INFO)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {directory!r} a directory written by `python -m data.prepare`?")
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path, "dataset description")
 
 
 def shard_paths(directory: str, info: Mapping[str, Any] | None = None) -> list[str]:

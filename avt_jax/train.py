@@ -7,6 +7,7 @@ evaluation -> loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from absl import logging
 from etils import epath
 from flax import linen as nn
 
-from avt_jax import checkpointing, input_pipeline, losses, masking, metrics, optim, sharding, summary
+from avt_jax import checkpointing, config_lib, input_pipeline, losses, masking, metrics, optim, records, sharding, summary
 from avt_jax.models import avt
 
 MODES = ("pretrain", "finetune", "eval")
@@ -107,6 +108,63 @@ def fill_model_config(config: ml_collections.ConfigDict, geometry: input_pipelin
     m.visual_target_dim = geometry.target_size ** 2 if raw else geometry.visual_dim
     m.audio_frontend.dim = geometry.audio_dim
     m.visual_frontend.dim = geometry.visual_dim if not raw else 3
+
+
+# Fields a resumed run may change without being asked: they say how long and how often, not what is trained.
+# `mesh` is safe because checkpoints restore onto any mesh.
+RESUME_SAFE = ("total_steps", "optimizer.total_steps", "log_every_steps", "eval_every_steps", "eval_max_batches",
+               "checkpoint_every_steps", "keep_checkpoints", "compilation_cache_dir", "peak_flops", "eval_batch_size",
+               "data.worker_count", "workdir", "allow_resume_changes", "mesh")
+PROCESS_COUNT = "process_count"
+
+
+def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+  return {prefix: tree}
+
+
+def _covered(field: str, patterns) -> bool:
+  return any(field == p or field.startswith(p + ".") for p in patterns)
+
+
+def allowed_resume_changes(config) -> tuple[str, ...]:
+  raw = config.get("allow_resume_changes", "") or ""
+  items = raw.split(",") if isinstance(raw, str) else list(raw)
+  return tuple(i.strip() for i in items if i.strip())
+
+
+def check_resume(config, saved: Mapping[str, Any], saved_path: str, stored_processes: int | None) -> list[str]:
+  """Refuses to resume when the config differs from the one the checkpoints were written with.
+
+  `saved` is the run's config.json. Differences in RESUME_SAFE fields are allowed (and returned, to be logged);
+  any other field, and a different process count (the iterator state is per process), must be named in
+  config.allow_resume_changes. Raises ValueError naming each refused field with both values.
+  """
+  now = _flat_config(json.loads(json.dumps(config.to_dict(), default=str)))
+  before = _flat_config(saved)
+  allowed = allowed_resume_changes(config)
+  changed, refused = [], []
+  for field in sorted(set(now) | set(before)):
+    a, b = before.get(field, "<absent>"), now.get(field, "<absent>")
+    if a == b or (isinstance(a, list) and isinstance(b, list) and a == b):
+      continue
+    line = f"{field}: {a!r} in {saved_path}, {b!r} now"
+    (changed if _covered(field, RESUME_SAFE + allowed) else refused).append(line)
+  if stored_processes is not None and stored_processes != jax.process_count():
+    line = (f"{PROCESS_COUNT}: {stored_processes} in the checkpoint's iterator state, {jax.process_count()} now")
+    (changed if PROCESS_COUNT in allowed else refused).append(line)
+  if refused:
+    names = ",".join(sorted({r.split(":")[0] for r in refused}))
+    raise ValueError(
+        f"cannot resume {os.path.dirname(saved_path)}: the config differs from the one its checkpoints were written "
+        "with:\n  " + "\n  ".join(refused) + "\nUse a new --workdir, or, if resuming with this change is intended, "
+        f"add --config.allow_resume_changes={names} (a different model can never resume; a different process count "
+        "repeats the data order exactly only with data.worker_count=0).")
+  return changed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,6 +313,11 @@ def make_eval_step(config, model):
     out, n = aux["output"], aux["count"]
     stats = {"loss_sum": loss * n, "count": n}
     if config.task == "classification":
+      stats["clips"] = n
+    else:  # `count` counts known target values; a clip counts once if it has any.
+      known = jnp.isfinite(batch["targets"][:, jnp.asarray(_target_indices(config))]).any(axis=1)
+      stats["clips"] = jnp.sum(batch["weight"].astype(jnp.float32) * known)
+    if config.task == "classification":
       stats["metrics"] = metrics.confusion_metrics(config.model.num_classes).single_from_model_output(
           logits=out, labels=batch["label"], weight=batch["weight"])
     else:
@@ -281,7 +344,7 @@ def finish_eval(config, stats) -> dict[str, float]:
     n = max(float(stats["masked_frames"]), 1.0)
     la, lv = float(stats["l1_audio"]) / n, float(stats["l1_visual"]) / n
     return {"masked_l1": la + lv, "l1_audio": la, "l1_visual": lv, "masked_frames": float(stats["masked_frames"])}
-  out = {"loss": float(stats["loss_sum"]) / max(float(stats["count"]), 1.0), "clips": float(stats["count"])}
+  out = {"loss": float(stats["loss_sum"]) / max(float(stats["count"]), 1.0), "clips": float(stats["clips"])}
   if config.task == "classification":
     out.update({k: float(v) for k, v in stats["metrics"].compute().items()})
   else:
@@ -375,7 +438,36 @@ def make_writer(workdir: str):
   if jax.process_index() > 0:
     return metric_writers.LoggingWriter()
   return metric_writers.MultiWriter([metric_writers.create_default_writer(workdir, asynchronous=False),
-                                     JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+                                     JsonlWriter(os.path.join(workdir, METRICS))])
+
+
+METRICS = "metrics.jsonl"
+
+
+def drop_metrics_after(workdir: str, step: int) -> int:
+  """Rewrites <workdir>/metrics.jsonl without the rows after `step` (written by a run that did not reach its next
+  checkpoint; the resumed run writes them again). Returns the number of rows dropped."""
+  path = os.path.join(workdir, METRICS)
+  if jax.process_index() > 0 or not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row_step = int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError) as e:  # A line cut by a kill mid-write: it is dropped with the rest.
+      logging.warning("%s:%d: unreadable row dropped (%s)", path, n, e)
+      continue
+    if row_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  dropped = len([l for l in lines if l.strip()]) - len(kept)
+  if dropped:
+    records.write_atomic(path, "".join(kept))
+    logging.info("%s: dropped %d rows after step %d (they are written again)", path, dropped, step)
+  return dropped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,8 +505,44 @@ class BestCheckpoint:
     self.record = self.dir / "best.json"
     self.step, self.value, self.metrics = None, None, {}
     if self.record.exists():
-      saved = json.loads(self.record.read_text())
-      self.step, self.value, self.metrics = saved["step"], saved["value"], saved["metrics"]
+      saved = records.read_json(self.record, "best-checkpoint record")
+      try:
+        self.step, self.value, self.metrics = int(saved["step"]), float(saved["value"]), dict(saved["metrics"])
+      except (KeyError, TypeError, ValueError) as e:
+        raise records.RecordError(f"{self.record}: expected {{'step': int, 'value': float, 'metrics': {{...}}}}, "
+                                  f"got {json.dumps(saved)[:200]} ({type(e).__name__}: {e})") from e
+
+  def verify(self, abstract_params) -> None:
+    """Checks that best/ holds the step best.json names and that it restores; a damaged one is moved aside.
+
+    A save interrupted between the checkpoint and best.json, or a truncated file, leaves best/ unusable: it is
+    renamed to best.damaged (kept) and the next validation result starts a new best.
+    """
+    if not self.dir.exists():
+      return
+    root = self.dir / "checkpoints"
+    steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit()) if root.exists() else []
+    reason = None
+    if self.step is None:
+      reason = "best.json is missing" if steps else None
+    elif steps != [self.step]:
+      reason = f"best.json names step {self.step} but the directory holds steps {steps}"
+    else:
+      try:
+        checkpointing.check_params_fit(root / str(self.step) / checkpointing.STATE, abstract_params)
+        self.restore(abstract_params)
+      except checkpointing.CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any read failure: unusable)
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    if reason is None:
+      return
+    moved = checkpointing.move_aside(self.dir) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("avt_jax_moved_damaged_best")
+    logging.warning("%s is damaged (%s); moved it to %s: the next validation result starts a new best",
+                    self.dir, reason, moved)
+    self.step, self.value, self.metrics = None, None, {}
 
   def _better(self, value: float) -> bool:
     if not math.isfinite(value):
@@ -435,8 +563,8 @@ class BestCheckpoint:
     manager.close()
     self.step, self.value, self.metrics = step, value, dict(metrics_)
     if jax.process_index() == 0:
-      self.record.write_text(json.dumps({"step": step, "metric": self.metric, "mode": self.mode, "value": value,
-                                         "metrics": self.metrics}, indent=2))
+      records.write_atomic(self.record, json.dumps({"step": step, "metric": self.metric, "mode": self.mode,
+                                                    "value": value, "metrics": self.metrics}, indent=2))
     return True
 
   def restore(self, abstract_params):
@@ -488,10 +616,65 @@ def setup_compilation_cache(config, workdir: str) -> None:
   del workdir
 
 
+def open_eval_sources(config, geometry: input_pipeline.Geometry) -> None:
+  """Opens data.eval and data.test before the first step: every source is read, and fits the training data."""
+  for split in ("eval", "test"):
+    spec = data_spec(config, split)
+    if not spec:
+      continue
+    sources, g = input_pipeline.open_sources(spec)
+    if g != geometry:
+      diff = [f"{f.name}: {getattr(geometry, f.name)} (data.train) vs {getattr(g, f.name)}"
+              for f in dataclasses.fields(g) if getattr(geometry, f.name) != getattr(g, f.name)]
+      raise ValueError(f"data.{split} ({', '.join(s.name for s in sources)}) does not fit data.train "
+                       f"({', '.join(s.name for s in input_pipeline.open_sources(data_spec(config, 'train'))[0])}): "
+                       + "; ".join(diff))
+    for source in sources:
+      if not len(source):
+        raise ValueError(f"data.{split}: {source.name} has no clips (after filtering)")
+      source[0]  # pylint: disable=pointless-statement  (decodes and checks one record now, not at step N)
+
+
+def _final_metrics(wd: epath.Path, result: Mapping[str, Any]) -> None:
+  if jax.process_index() == 0:
+    records.write_atomic(wd / "final_metrics.json", json.dumps(dict(result), indent=2, default=float))
+
+
+def _last_good(saver: checkpointing.SaveMonitor | None, manager) -> str:
+  step = saver.last_committed if saver is not None else manager.latest_step()
+  if step is None:
+    return f"no checkpoint has been saved yet in {manager.directory}"
+  return f"the last good checkpoint (step {step}) is kept in {manager.directory}"
+
+
+class Progress:
+  """Throughput and ETA from training time alone: the first step after start (warm-up) is not counted."""
+
+  def __init__(self, total_steps: int, start: int):
+    self.total, self.first = total_steps, start + 1
+    self.t_first = None
+    self.steps_timed = 0
+    self.seconds = 0.0
+
+  def step_done(self, step: int, seconds: float) -> None:
+    if step > self.first:
+      self.steps_timed += 1
+      self.seconds += seconds
+
+  def eta(self, step: int) -> str:
+    if not self.steps_timed:
+      return "ETA after the next steps"
+    rate = self.steps_timed / max(self.seconds, 1e-9)
+    left = (self.total - step) / rate
+    return f"{rate:.2f} steps/s, ETA {int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs config.mode in workdir; returns the final metrics. Resumes from workdir's latest checkpoint."""
+  """Runs config.mode in workdir; returns the final metrics. Resumes from workdir's latest intact checkpoint."""
   validate_config(config)
   config = ml_collections.ConfigDict(config.to_dict())  # A private, unlocked copy.
+  config_lib.make_paths_absolute(config)
+  workdir = config_lib.absolute_path(os.fspath(workdir))
   setup_compilation_cache(config, workdir)
   wd = epath.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
@@ -506,11 +689,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise ValueError(f"config.{key}={config.get(key)} must be divisible by the batch shards of the mesh "
                        f"(data x fsdp = {shards})")
 
-  # --- Input.
+  # --- Input: every split is opened and checked before anything is compiled or written.
   _, geometry = input_pipeline.open_sources(data_spec(config, "train"))
   fill_model_config(config, geometry)
-  if jax.process_index() == 0:
-    (wd / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+  open_eval_sources(config, geometry)
   dummy = input_pipeline.dummy_batch(geometry, config.batch_size, config.data.max_tokens)
   dummy = {k: jnp.asarray(v) for k, v in dummy.items()}
 
@@ -534,51 +716,78 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return eval_step(params, batch, rng)
 
+  config_path = wd / "config.json"
+
+  def write_config():
+    # Only once the restore has succeeded: config.json always describes the model the checkpoints hold.
+    if jax.process_index() == 0:
+      records.write_atomic(config_path, json.dumps(config.to_dict(), indent=2, default=str))
+
+  if config.mode == "eval":
+    # Evaluation-only: the parameters of init_from (its best/, else its newest checkpoint); the workdir only
+    # receives the metrics.
+    logging.info("evaluating %s", config.init_from)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      params = checkpointing.restore_params(config.init_from, abstract_state["params"], prefer_best=True)
+    write_config()
+    writer = make_writer(workdir)
+    result = {}
+    for split in ("eval", "test"):
+      spec = data_spec(config, split)
+      if spec:
+        ev = evaluate(config, eval_fn, params, mesh, spec)
+        writer.write_scalars(0, {f"{split}/{k}": v for k, v in ev.items()})
+        result.update({f"{split}/{k}": v for k, v in ev.items()})
+    writer.flush()
+    _final_metrics(wd, result)
+    return result
+
   # --- Restore: own checkpoint (resume) > init_from (fine-tuning) > fresh init.
-  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  def make_manager():
+    return checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+
+  manager = make_manager()
+  existing = manager.all_steps()
+  if existing:
+    stored = checkpointing.stored_process_count(epath.Path(manager.directory) / str(max(existing)))
+    if config_path.exists():
+      for line in check_resume(config, records.read_json(config_path, "run config"), os.fspath(config_path),
+                               stored):
+        logging.warning("resuming with a changed config: %s", line)
+    else:
+      logging.warning("%s has checkpoints but no config.json: cannot check that the config is unchanged", workdir)
+  manager.close()
   train_ds = input_pipeline.make_dataset(
       data_spec(config, "train"), split="train", global_batch_size=config.batch_size, seed=config.seed,
       max_tokens=config.data.max_tokens, worker_count=config.data.get("worker_count", 0))
   train_iter = iter(train_ds)
-  latest = manager.latest_step()
+
+  def position(step):
+    # Saved by another number of processes: the iterator state does not apply. Global batch k is the same for
+    # any process count, so the iterator is positioned at batch `step` instead.
+    logging.warning("checkpoint %d has no data-iterator state for %d processes; positioning the iterator at "
+                    "batch %d", step, jax.process_count(), step)
+    checkpointing.position_iterator(train_iter, step)
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    manager, latest, state = checkpointing.restore_latest_intact(make_manager, abstract_state, train_iter, position)
     if latest is not None:
-      logging.info("resuming from %s at step %d", manager.directory, latest)
-      if checkpointing.has_iterator_state(manager, latest):
-        state = checkpointing.restore(manager, latest, abstract_state, train_iter)
-      else:
-        # Saved by another number of processes: the iterator state does not apply. Global batch k is the same for
-        # any process count, so the iterator is positioned at batch `latest` instead.
-        logging.warning("checkpoint %d has no data-iterator state for %d processes; positioning the iterator at "
-                        "batch %d", latest, jax.process_count(), latest)
-        state = checkpointing.restore(manager, latest, abstract_state)
-        checkpointing.position_iterator(train_iter, latest)
+      logging.info("resumed from %s at step %d", manager.directory, latest)
     else:
       state = init_fn()
-      if config.mode == "eval":
-        logging.info("evaluating %s", config.init_from)
-        params = checkpointing.restore_params(config.init_from, abstract_state["params"], prefer_best=True)
-        state = dict(state, params=params)
-      elif config.init_from:
+      if config.init_from:
         logging.info("initialising the encoder from %s", config.init_from)
         warn_model_differences(config.init_from, config.model)
         enc = checkpointing.restore_encoder(config.init_from, abstract_state["params"]["encoder"])
         params = dict(state["params"], encoder=enc)
         state = dict(state, params=jax.device_put(params, state_shardings["params"]))
-
-  writer = make_writer(workdir)
+  write_config()
   start = int(jax.device_get(state["step"]))
-  if config.mode == "eval":
-    result = {}
-    for split in ("eval", "test"):
-      spec = data_spec(config, split)
-      if spec:
-        ev = evaluate(config, eval_fn, state["params"], mesh, spec)
-        writer.write_scalars(start, {f"{split}/{k}": v for k, v in ev.items()})
-        result.update({f"{split}/{k}": v for k, v in ev.items()})
-    writer.flush()
-    manager.close()
-    return result
+  drop_metrics_after(workdir, start)
+  best = BestCheckpoint(workdir, *selection(config))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    best.verify(abstract_state["params"])
+  writer = make_writer(workdir)
 
   # --- Compile once, ahead of time: FLOPs for throughput / MFU.
   base_rng = jax.random.key(config.seed + 2)
@@ -596,44 +805,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("train step compiled in %.1fs; %.3g FLOP/step (%.3g per clip)", compile_s, flops_per_step,
                flops_per_step / config.batch_size)
 
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   stop = StopSignal().install()
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
+  saver = checkpointing.SaveMonitor(manager)
+  progress = Progress(config.total_steps, start)
   step = start
   out = None
   eval_spec = data_spec(config, "eval")
-  best = BestCheckpoint(workdir, *selection(config))
   t_log, steps_since = time.time(), 0
   result: dict[str, Any] = {}
   try:
     while step < config.total_steps:
+      saver.check()
       if stop.event.is_set() or manager.reached_preemption(step):
         logging.warning("stopping at step %d on request; saving", step)
         if step > start and _finite(jax.device_get(out["loss"])) and bool(all_finite(state["params"])):
-          checkpointing.save(manager, step, state, train_iter, force=True)
-        manager.wait_until_finished()
+          saver.save(step, state, train_iter)
+        saver.check(wait=True)
         result["preempted_at"] = step
         return result
+      t_step = time.time()
       batch = sharding.global_batch(next(train_iter), mesh)
       state, out = compiled(state, batch, base_rng)
       step += 1
       steps_since += 1
-      report(step)
       is_last = step == config.total_steps
       if step % config.log_every_steps == 0 or is_last:
         out = jax.device_get(out)
+        progress.step_done(step, time.time() - t_step)
         if not _finite(out["loss"]):
-          raise TrainingError(f"loss is {out['loss']} at step {step}; stopping. The last good checkpoint "
-                              f"(step {manager.latest_step()}) is kept in {manager.directory}")
+          raise TrainingError(f"loss is {out['loss']} at step {step}; stopping. {_last_good(saver, manager)}")
         dt = time.time() - t_log
-        clips_s = steps_since * config.batch_size / max(dt, 1e-9)
         scalars = {f"train/{k}": v for k, v in out.items()}
-        scalars["train/clips_per_second"] = clips_s
+        scalars["train/clips_per_second"] = steps_since * config.batch_size / max(dt, 1e-9)
+        scalars["train/steps_per_second"] = steps_since / max(dt, 1e-9)
         if peak:
           scalars["train/mfu"] = flops_per_step * steps_since / max(dt, 1e-9) / (peak * jax.device_count())
         writer.write_scalars(step, scalars)
+        logging.info("step %d/%d: loss %.4g, %s", step, config.total_steps, float(out["loss"]), progress.eta(step))
         t_log, steps_since = time.time(), 0
+      else:
+        progress.step_done(step, time.time() - t_step)
       do_eval = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
       if do_eval and eval_spec:
         ev = evaluate(config, eval_fn, state["params"], mesh, eval_spec, config.get("eval_max_batches", 0))
@@ -645,11 +856,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         loss = jax.device_get(out["loss"])
         if not _finite(loss) or not bool(all_finite(state["params"])):
           raise TrainingError(f"loss is {loss} at step {step} (or the parameters are no longer finite); not saving. "
-                              f"The last good checkpoint (step {manager.latest_step()}) is kept in {manager.directory}")
-        checkpointing.save(manager, step, state, train_iter, force=True)
+                              f"{_last_good(saver, manager)}")
+        saver.save(step, state, train_iter)
       if do_eval or do_ckpt:
         t_log, steps_since = time.time(), 0  # Throughput counts training time only.
       writer.flush()
+    saver.check(wait=True)
     result["step"] = step
     result.update(best.summary())
     test_spec = data_spec(config, "test")
@@ -659,11 +871,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       ev = evaluate(config, eval_fn, params, mesh, test_spec)
       writer.write_scalars(step, {f"test/{k}": v for k, v in ev.items()})
       result.update({f"test/{k}": v for k, v in ev.items()})
-    if jax.process_index() == 0:
-      (wd / "final_metrics.json").write_text(json.dumps(result, indent=2))
+    _final_metrics(wd, result)
     return result
   finally:
     stop.uninstall()
-    manager.wait_until_finished()
-    manager.close()
+    saver.close()
+    try:
+      manager.close()  # Waits for a save in flight.
+    except Exception as e:  # pylint: disable=broad-except  (a failed save was reported above; do not mask it)
+      logging.warning("closing the checkpoint manager of %s: %s", manager.directory, e)
     writer.flush()

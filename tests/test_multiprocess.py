@@ -276,7 +276,14 @@ def test_resume_under_another_process_count_positions_the_iterator(runs, tmp_pat
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "3", "data_iter"))) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   shutil.rmtree(os.path.join(wd, "checkpoints", str(STEPS)))
-  job = _train(wd, 1, 8)
+  # Refused unless asked for: the iterator state was written for another process count.
+  refused = _train(wd, 1, 8)
+  while refused.running():
+    time.sleep(0.2)
+  assert refused.failure() == "process 0 exited with 1"
+  assert "process_count: 2 in the checkpoint's iterator state, 1 now" in refused.logs()[0]
+  assert "--config.allow_resume_changes=process_count" in refused.logs()[0]
+  job = _train(wd, 1, 8, "--config.allow_resume_changes=process_count")
   _wait(job)
   log = job.logs()[0]
   assert "no data-iterator state for 1 processes; positioning the iterator at batch 3" in log

@@ -3,6 +3,7 @@ restoring onto another mesh, init_from errors, fine-tuning from a pretraining ru
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,3 +235,164 @@ def test_parameter_free_switches_that_differ_from_init_from_are_reported(tmp_pat
   assert diffs == ["padding_mask: False there, True here", "release_positions: True there, False here"]
   same = avt.model_config("base", padding_mask=False, release_positions=True)
   assert train.warn_model_differences(str(tmp_path), same) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs that survive a bad day: damaged checkpoints, changed configs, failed saves, logs without duplicates.
+
+
+def _files(root) -> dict[str, bytes]:
+  """Every file below `root` with its bytes (to show that nothing already written changed)."""
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      p = os.path.join(d, n)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, root)] = f.read()
+  return out
+
+
+def _largest_file(root) -> str:
+  paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
+  return max(paths, key=os.path.getsize)
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _metric_rows(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _assert_unique_rows(workdir):
+  keys = [(r["step"], r["split"]) for r in _metric_rows(workdir)]
+  dupes = sorted({k for k in keys if keys.count(k) > 1})
+  assert not dupes, f"duplicate (step, split) rows in metrics.jsonl: {dupes}"
+
+
+def test_metrics_rows_carry_their_split_once_per_step(uninterrupted):
+  rows = _metric_rows(uninterrupted)
+  _assert_unique_rows(uninterrupted)
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == list(range(1, 41))
+  for r in train_rows:  # Throughput sits in the train row of its step, not in rows of its own.
+    assert r["clips_per_second"] > 0 and r["steps_per_second"] > 0, r
+  assert not any("uptime" in r or "steps_per_sec" in r for r in rows)
+
+
+def test_first_eta_waits_for_a_timed_step():
+  progress = train.Progress(total_steps=10, start=0)
+  progress.step_done(1, 50.0)  # Step 1 carries the warm-up: it must not set the rate.
+  assert progress.eta(1) == "ETA after the next steps"
+  progress.step_done(2, 0.5)
+  progress.step_done(3, 0.5)
+  assert progress.eta(3) == "2.00 steps/s, ETA 0h00m03s"  # 7 steps left at 2 steps/s -> 3.5 s
+
+
+def test_damaged_latest_checkpoint_and_best_are_moved_aside_and_the_run_resumes(uninterrupted, tmp_path):
+  wd = str(tmp_path / "damaged")
+  shutil.copytree(uninterrupted, wd)
+  ckpt = os.path.join(wd, "checkpoints")
+  assert sorted(os.listdir(ckpt)) == ["20", "30", "40"]
+  # The interrupted run had logged up to step 40; checkpoint 40 and best/ (step 40) are then damaged on disk.
+  victim = _largest_file(os.path.join(ckpt, "40", "state"))
+  _truncate(victim)
+  _truncate(_largest_file(os.path.join(wd, "best", "checkpoints", "40", "state")))
+  damaged40, damaged_best = _files(os.path.join(ckpt, "40")), _files(os.path.join(wd, "best"))
+  intact30 = _files(os.path.join(ckpt, "30"))
+  proc = _run(wd, *LONG)
+  assert f"checkpoint step 40 in {ckpt} is damaged" in proc.stderr
+  assert f"moved it to {ckpt}/40.damaged" in proc.stderr
+  assert f"{wd}/best is damaged" in proc.stderr
+  # Nothing is deleted: the damaged directories are kept byte for byte under their new names.
+  assert _files(os.path.join(ckpt, "40.damaged")) == damaged40
+  assert _files(os.path.join(wd, "best.damaged")) == damaged_best
+  assert _files(os.path.join(ckpt, "30")) == intact30
+  # Resumed from step 30, the run reaches the uninterrupted run's step-40 parameters exactly.
+  _assert_same_params(_params(uninterrupted, 40), _params(wd, 40))
+  assert json.load(open(os.path.join(wd, "best", "best.json")))["step"] == 40
+  # Rows after step 30 were dropped and written again: one row per (step, split), same losses.
+  _assert_unique_rows(wd)
+  assert _train_losses(wd) == _train_losses(uninterrupted)
+
+
+def test_no_intact_checkpoint_stops_with_what_was_tried(uninterrupted, tmp_path):
+  wd = str(tmp_path / "all_damaged")
+  shutil.copytree(uninterrupted, wd)
+  ckpt = os.path.join(wd, "checkpoints")
+  before = {}
+  for step in ("20", "30", "40"):
+    os.remove(_largest_file(os.path.join(ckpt, step, "state")))
+    before[step] = _files(os.path.join(ckpt, step))
+  proc = subprocess.run(_cmd(wd, *LONG), env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()
+  message = "\n".join(last[-4:])
+  assert f"no intact checkpoint in {ckpt}; tried (and moved aside):" in message
+  for step in ("40", "30", "20"):
+    assert f"step {step}: " in message and f"{ckpt}/{step}.damaged" in message
+    assert _files(os.path.join(ckpt, f"{step}.damaged")) == before[step]
+  assert not [n for n in os.listdir(ckpt) if n.isdigit()]
+
+
+def test_resume_with_a_changed_config_is_refused_before_anything_is_written(uninterrupted, tmp_path):
+  wd = str(tmp_path / "changed")
+  shutil.copytree(uninterrupted, wd)
+  before = _files(wd)
+  proc = subprocess.run(_cmd(wd, *LONG, "--config.batch_size=8", "--config.masking.ratio=0.1",
+                             "--config.total_steps=50"),
+                        env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  err = proc.stderr
+  cfg = os.path.join(wd, "config.json")
+  assert f"batch_size: 4 in {cfg}, 8 now" in err
+  assert f"masking.ratio: 0.05 in {cfg}, 0.1 now" in err
+  assert "total_steps" not in err.split("cannot resume")[-1].split("Use a new")[0]  # a safe change is not refused
+  assert "--config.allow_resume_changes=batch_size,masking.ratio" in err
+  assert _files(wd) == before  # config.json, checkpoints and logs untouched
+
+  # A model change cannot be allowed: the checkpoint's parameters would not fit.
+  proc = subprocess.run(_cmd(wd, *LONG, "--config.model.size=small", "--config.allow_resume_changes=model"),
+                        env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert "does not fit the model's params" in proc.stderr
+  assert _files(wd) == before
+
+
+def _mount_tmpfs(path, size) -> bool:
+  os.makedirs(path, exist_ok=True)
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                        capture_output=True).returncode == 0
+
+
+def test_failed_save_on_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+  mnt = str(tmp_path / "small_disk")
+  if not _mount_tmpfs(mnt, "12m"):
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    wd = os.path.join(mnt, "run")
+    short = ["--config.checkpoint_every_steps=3", "--config.data.eval=", "--config.log_every_steps=1"]
+    _run(wd, *short, "--config.total_steps=3")
+    before = _files(os.path.join(wd, "checkpoints", "3"))
+    # Fill the disk, leaving room for log lines but not for another checkpoint.
+    with open(os.path.join(mnt, "filler"), "wb") as f:
+      free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+      f.write(b"\0" * max(free - 96 * 1024, 0))
+    proc = subprocess.run(_cmd(wd, *short, "--config.total_steps=6"), env=_env(1), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("avt_jax.main: error: saving checkpoint step 6 to ")
+    # The cause as the storage layer words it (tensorstore: RESOURCE_EXHAUSTED, the OS: errno 28).
+    assert any(c in last for c in ("RESOURCE_EXHAUSTED", "No space left on device", "Errno 28")), last
+    assert "the last committed checkpoint (step 3) is intact" in last
+    os.remove(os.path.join(mnt, "filler"))
+    assert _files(os.path.join(wd, "checkpoints", "3")) == before
+    assert sorted(n for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit()) == ["3"]
+    # With space again, the run resumes from step 3 and finishes.
+    _run(wd, *short, "--config.total_steps=6")
+    assert "6" in os.listdir(os.path.join(wd, "checkpoints"))
+  finally:
+    subprocess.run(["umount", "-l", mnt], capture_output=True)
