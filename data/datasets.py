@@ -5,11 +5,18 @@
 | crema_d | `.../<Actor>_<Sentence>_<Emotion>_<Level>.flv` | stem | `crema_<Actor>` | "" | ANG DIS FEA HAP NEU SAD = 0..5 | NaN |
 | grid | `.../[sN/]<sentence>.mpg` | stem | `grid_sN` from the parent folder, else "" | "" | -1 | NaN |
 | voxceleb2 | `<root>/idXXXXX/<video>/<clip>.mp4` | `idXXXXX/<video>/<clip>` | `idXXXXX` | "" | -1 | NaN |
-| msp_improv | `.../sessionK/S01A/P/MSP-IMPROV-S01A-F01-P-FM01.avi` | stem | `msp_F01` | `sessionK` | A H S N = 0..3, else -1 | A, V, D from Evaluation.txt |
+| msp_improv | `.../sessionK/S01A/P/MSP-IMPROV-S01A-F01-P-FM01.avi` | stem | `msp_F01` | `sessionK` | A H S N = 0..3, else -1 | A, V, D from Evalution.txt |
 | generic | anything | path relative to the input root, no suffix | "" | "" | -1 | NaN |
 
 `dataset="auto"` picks per file: CREMA-D names, MSP-IMPROV names, a VoxCeleb2 `idNNNNN/<video>/` layout, GRID
 sentence names (`bbaf2n`: command, colour, preposition, letter, digit, adverb), else generic.
+
+MSP-IMPROV's label file ships as `Evalution.txt` (so spelled in the release; some copies are renamed to
+`Evaluation.txt`). Each utterance has a summary line naming its video with the UTD-IMPROV- prefix
+("UTD-IMPROV-S01A-F01-S-FM01.avi; N; A:3.000000; V:3.500000; D:3.000000;") followed by per-rater lines; the
+media carry the MSP-IMPROV- prefix (session1/S01A/S/MSP-IMPROV-S01A-F01-S-FM01.avi, and the separate audio at
+Audio/session1/S01A/S/MSP-IMPROV-S01A-F01-S-FM01.wav), so a summary line maps to the clip id
+"MSP-IMPROV-" + the name after the prefix.
 """
 
 from __future__ import annotations
@@ -29,16 +36,24 @@ GRID_SPEAKER_RE = re.compile(r"^s\d+$")
 VOX_ID_RE = re.compile(r"^id\d+$")
 MSP_EMOTIONS = ("A", "H", "S", "N")  # angry, happy, sad, neutral -> 0..3; O (other) and X (no agreement) -> -1
 MSP_RE = re.compile(r"^MSP-IMPROV-(S\d+[A-Z])-([MF])(\d+)-([A-Z])-([A-Z]{2}\d+)$")
-# Summary line of MSP-IMPROV's Evaluation.txt, e.g.
-# "UTD-IMPROV-S01A-F01-P-FM01.avi; A; A:3.000000; V:2.000000; D:3.000000 ; N:3.000000;"
-MSP_EVAL_RE = re.compile(r"^UTD-IMPROV-([A-Z0-9-]+)\.avi;\s*([A-Z]);\s*A:\s*([0-9.]+|NaN);\s*V:\s*([0-9.]+|NaN);"
-                         r"\s*D:\s*([0-9.]+|NaN)\s*;")
+# The label file as released, then the corrected spelling some copies use.
+MSP_LABEL_FILES = ("Evalution.txt", "Evaluation.txt")
+# Summary line of MSP-IMPROV's label file, e.g. "UTD-IMPROV-S01A-F01-S-FM01.avi; N; A:3.000000; V:3.500000;
+# D:3.000000;" (some lines add " ; N:3.000000;", naturalness). A line that starts like one (MSP_EVAL_START) but does
+# not parse is an error; every other line (per-rater lines, blank lines) is skipped.
+MSP_EVAL_START = re.compile(r"^(?:UTD|MSP)-IMPROV-([A-Za-z0-9-]+)\.avi\s*;")
+MSP_EVAL_RE = re.compile(r"^(?:UTD|MSP)-IMPROV-([A-Z0-9-]+)\.avi;\s*([A-Z]);\s*A:\s*(\d+(?:\.\d*)?|NaN)\s*;"
+                         r"\s*V:\s*(\d+(?:\.\d*)?|NaN)\s*;\s*D:\s*(\d+(?:\.\d*)?|NaN)\s*;")
 
 NAN3 = (math.nan, math.nan, math.nan)
 
 
 class LabelError(ValueError):
   """A file name does not follow the naming convention of the dataset it was declared to belong to."""
+
+
+class MissingLabelFileError(LabelError):
+  """The MSP-IMPROV label file is not where it was looked for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +89,55 @@ def detect_dataset(relpath: str) -> str:
   return "generic"
 
 
+def find_msp_improv_labels(root: str) -> tuple[str, str]:
+  """(path, note) of the MSP-IMPROV label file in `root`: Evalution.txt (the release's spelling) or Evaluation.txt.
+
+  When both exist Evalution.txt is used and `note` says so (else it is ""). Raises LabelError naming both names
+  and `root` when neither exists.
+  """
+  found = [os.path.join(root, name) for name in MSP_LABEL_FILES if os.path.isfile(os.path.join(root, name))]
+  if not found:
+    raise MissingLabelFileError(f"no MSP-IMPROV label file in {root}: expected {MSP_LABEL_FILES[0]} (as released) or "
+                     f"{MSP_LABEL_FILES[1]} there")
+  note = ""
+  if len(found) > 1:
+    note = (f"{root} holds both {MSP_LABEL_FILES[0]} and {MSP_LABEL_FILES[1]}; using {found[0]} "
+            f"(the release's name)")
+  return found[0], note
+
+
 def read_msp_improv_labels(path: str) -> dict[str, tuple[str, tuple[float, float, float]]]:
-  """Parses MSP-IMPROV's Evaluation.txt: {"MSP-IMPROV-S01A-F01-P-FM01": (category, (A, V, D))}."""
+  """Parses MSP-IMPROV's label file: {"MSP-IMPROV-S01A-F01-P-FM01": (category, (A, V, D))}.
+
+  Summary lines name the video as UTD-IMPROV-<name>.avi (MSP-IMPROV- accepted too); the key is the media's stem,
+  MSP-IMPROV-<name>. Per-rater lines are skipped.
+  """
   out = {}
   with open(path, encoding="utf-8", errors="replace") as f:
-    for line in f:
-      m = MSP_EVAL_RE.match(line.strip())
-      if m:
-        a, v, d = (float(x) for x in m.group(3, 4, 5))
-        out["MSP-IMPROV-" + m.group(1)] = (m.group(2), (a, v, d))
+    for lineno, line in enumerate(f, 1):
+      line = line.strip()
+      if not MSP_EVAL_START.match(line):
+        continue
+      m = MSP_EVAL_RE.match(line)
+      if not m:
+        raise LabelError(f"{path}:{lineno}: malformed MSP-IMPROV summary line {line[:120]!r}; expected "
+                         f"'UTD-IMPROV-<name>.avi; <category letter>; A:<number>; V:<number>; D:<number>;'")
+      a, v, d = (float(x) for x in m.group(3, 4, 5))
+      out["MSP-IMPROV-" + m.group(1)] = (m.group(2), (a, v, d))
   if not out:
     raise LabelError(f"{path}: no MSP-IMPROV summary lines ('UTD-IMPROV-<name>.avi; <cat>; A:..; V:..; D:..') found")
   return out
+
+
+def load_msp_improv_labels(root: str, path: str = "") -> tuple[dict, str, str]:
+  """(labels, label file, note): parses `path`, or the label file found in `root` (find_msp_improv_labels)."""
+  note = ""
+  if path:
+    if not os.path.isfile(path):
+      raise MissingLabelFileError(f"MSP-IMPROV label file {path} does not exist")
+  else:
+    path, note = find_msp_improv_labels(root)
+  return read_msp_improv_labels(path), path, note
 
 
 @dataclasses.dataclass
@@ -93,6 +145,7 @@ class Resolver:
   """Maps a file (path relative to the input root) to its ClipMeta."""
   dataset: str = "auto"
   msp_labels: Mapping[str, tuple[str, tuple[float, float, float]]] | None = None
+  msp_labels_path: str = ""  # where msp_labels came from (named in errors)
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -135,7 +188,8 @@ class Resolver:
     label, targets = -1, NAN3
     if self.msp_labels is not None:
       if stem not in self.msp_labels:
-        raise LabelError(f"{relpath}: {stem} has no entry in the MSP-IMPROV label file")
+        where = f" {self.msp_labels_path}" if self.msp_labels_path else ""
+        raise LabelError(f"{relpath}: {stem} has no summary line in the MSP-IMPROV label file{where}")
       category, targets = self.msp_labels[stem]
       label = MSP_EMOTIONS.index(category) if category in MSP_EMOTIONS else -1
     return ClipMeta(clip_id=stem, dataset="msp_improv", speaker=speaker, session=session, label=label,

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from avt_jax import records
+
 FOLDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "folds")
 CREMA_D_ACTORS = tuple(range(1001, 1092))  # 91 actors
 MSP_IMPROV_SESSIONS = tuple(range(1, 7))
@@ -138,14 +140,20 @@ def check_folds(folds: Mapping[str, Any], where: str = "folds") -> None:
                      f"tested more than once: {twice[:5]}")
 
 
-def load_folds(path: str) -> dict[str, Any]:
+def _read_json(path: str, what: str, missing_hint: str) -> Any:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{what} {path} not found ({missing_hint})")
   try:
-    with open(path) as f:
-      folds = json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"folds file {path} not found (shipped ones are in {FOLDS_DIR})") from None
-  except json.JSONDecodeError as e:
-    raise FoldsError(f"{path}: not JSON ({e})") from e
+    data = records.read_json(path, what=what)
+  except records.RecordError as e:
+    raise FoldsError(str(e)) from None
+  if not isinstance(data, dict):
+    raise FoldsError(f"{path}:1: malformed {what}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def load_folds(path: str) -> dict[str, Any]:
+  folds = _read_json(path, "folds file", f"shipped ones are in {FOLDS_DIR}")
   check_folds(folds, path)
   return folds
 
@@ -162,19 +170,16 @@ def read_manifest(path: str) -> list[dict[str, Any]]:
   """The `ok` rows of a manifest.jsonl (a prepared directory is accepted too)."""
   if os.path.isdir(path):
     path = os.path.join(path, "manifest.jsonl")
+  try:
+    every = records.read_jsonl(path, what="manifest")
+  except records.RecordError as e:
+    raise FoldsError(str(e)) from None
   rows = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise FoldsError(f"{path}:{n}: not a JSON object ({e})") from e
-      if "clip_id" not in row:
-        raise FoldsError(f"{path}:{n}: row has no 'clip_id'")
-      if row.get("status", "ok") == "ok":
-        rows.append(row)
+  for n, row in enumerate(every, 1):
+    if not isinstance(row, dict) or "clip_id" not in row:
+      raise FoldsError(f"{path}: row {n} is not an object with a 'clip_id'")
+    if row.get("status", "ok") == "ok":
+      rows.append(row)
   return rows
 
 
@@ -308,13 +313,7 @@ def make_subsets(rows: Sequence[Mapping[str, Any]], folds: Mapping[str, Any], *,
 
 
 def load_subsets(path: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"subsets file {path} not found: write it with `python -m data.folds subsets`") from None
-  except json.JSONDecodeError as e:
-    raise FoldsError(f"{path}: not JSON ({e})") from e
+  data = _read_json(path, "subsets file", "write it with `python -m data.folds subsets`")
   if "subsets" not in data:
     raise FoldsError(f"{path}: no 'subsets' key (expected the output of `python -m data.folds subsets`)")
   return data
@@ -331,10 +330,7 @@ def subset_ids(subsets: Mapping[str, Any], fold: str, seed: int, fraction: float
 
 def _write_json(path: str, data: Any, indent: int | None = 1) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(json.dumps(data, indent=indent) + "\n")
-  os.replace(tmp, path)
+  records.write_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
 def describe(rows: Sequence[Mapping[str, Any]], folds: Mapping[str, Any]) -> str:

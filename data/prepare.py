@@ -13,13 +13,20 @@ written and `work/` is removed. Re-running on a finished directory with the same
 nothing; with different ones it fails (choose a new --output).
 
 Skipped clips (manifest status "skipped") are listed with their reasons at the end. Audio-only files are skipped
-with the reason "no video stream (audio-only file)". With --strict, an unreadable/corrupt/truncated file or a file
-name that does not follow its dataset's convention stops the run with an error naming the file.
+with the reason "no video stream (audio-only file)"; an audio-only file with the clip id of a video file (MSP-IMPROV's
+Audio/ tree, CREMA-D's AudioWAV next to VideoFlash) is skipped without being decoded. With --strict, an
+unreadable/corrupt/truncated file or a file name that does not follow its dataset's convention stops the run with
+an error naming the file.
+
+Exit status: 0 when the preparation finished with at least one clip (or stopped by --stop_after); 1 on errors and
+when it finished without writing any clip (the summary lists why); 130 after Ctrl-C, with one line on stderr giving
+the progress and the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -27,7 +34,10 @@ import json
 import math
 import multiprocessing
 import os
+import re
+import shlex
 import shutil
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -67,7 +77,7 @@ class PrepareOptions:
   strict: bool = False
   shard_size: int = 256  # input clips per shard
   shard_prefix: str = "clips"
-  msp_labels: str = ""  # MSP-IMPROV Evaluation.txt (default: <input root>/Evaluation.txt when present)
+  msp_labels: str = ""  # MSP-IMPROV label file (default: Evalution.txt or Evaluation.txt in the input root)
   ratings: str = ""  # CSV clip_id,arousal,valence[,dominance]: continuous targets that override the dataset's
   stop_after: int = 0  # >0: process at most this many clips, then stop as if interrupted (re-run to continue)
   config: extract_lib.ExtractConfig = extract_lib.ExtractConfig()
@@ -116,9 +126,27 @@ def list_inputs(pattern: str, suffixes: Sequence[str]) -> tuple[str, list[str]]:
   return os.path.abspath(root), rel
 
 
-def plan_tasks(options: PrepareOptions) -> tuple[str, list[Task]]:
-  """Sorted, deterministic task list (labels resolved, duplicates and unpaired files marked as skips)."""
-  msp = None
+def _msp_labels(options: PrepareOptions, root: str) -> tuple[dict | None, str, str]:
+  """(labels, label file, note) for MSP-IMPROV; (None, "", "") when no labels apply."""
+  if not (options.msp_labels or options.dataset in ("msp_improv", "auto")):
+    return None, "", ""
+  try:
+    return datasets_lib.load_msp_improv_labels(root, options.msp_labels)
+  except datasets_lib.MissingLabelFileError as e:
+    if options.dataset == "auto" and not options.msp_labels:  # an auto input need not be MSP-IMPROV
+      return None, "", ""
+    raise PrepareError(f"--msp_labels: {e}" if options.msp_labels else f"{e} (or pass --msp_labels)") from None
+  except datasets_lib.LabelError as e:
+    raise PrepareError(str(e)) from None
+
+
+def _is_audio_only_name(relpath: str) -> bool:
+  return relpath.lower().endswith(media_lib.AUDIO_SUFFIXES)
+
+
+def plan_tasks(options: PrepareOptions) -> tuple[str, list[Task], list[str]]:
+  """Sorted, deterministic task list (labels resolved, duplicates and unpaired files marked as skips), and notes
+  for the summary (which label file was used)."""
   if options.kind == "raw":
     root, rel = list_inputs(options.input, media_lib.MEDIA_SUFFIXES)
     groups = [(r,) for r in rel]
@@ -127,40 +155,49 @@ def plan_tasks(options: PrepareOptions) -> tuple[str, list[Task]]:
     groups = _pair_features(rel)
   else:
     raise PrepareError(f"--kind must be raw or features, got {options.kind!r}")
-  label_file = options.msp_labels or os.path.join(root, "Evaluation.txt")
-  if options.dataset in ("msp_improv", "auto") and os.path.exists(label_file):
-    msp = datasets_lib.read_msp_improv_labels(label_file)
-  elif options.msp_labels:
-    raise PrepareError(f"--msp_labels={options.msp_labels!r} does not exist")
-  resolver = datasets_lib.Resolver(options.dataset, msp)
+  msp, label_file, note = _msp_labels(options, root)
+  notes = [f"MSP-IMPROV labels: {label_file}"] if label_file else []
+  notes += [note] if note else []
+  resolver = datasets_lib.Resolver(options.dataset, msp, label_file)
   ratings = datasets_lib.read_ratings_csv(options.ratings) if options.ratings else {}
-  tasks, seen = [], {}
+  tasks: list[Task | None] = [None] * len(groups)
+  metas = {}
   for i, group in enumerate(groups):
     paths = tuple(os.path.join(root, r) if r else "" for r in group)
     if options.kind == "features" and not all(group):
       have = [r for r in group if r][0]
       missing = ".csv (OpenFace)" if not group[1] else ".npy (audio features)"
-      tasks.append(Task(i, group, paths, None, f"no matching {missing} file for {have}", ERROR))
+      tasks[i] = Task(i, group, paths, None, f"no matching {missing} file for {have}", ERROR)
       continue
     try:
       meta = resolver(group[0])
     except datasets_lib.LabelError as e:
-      tasks.append(Task(i, group, paths, None, str(e), ERROR))
+      tasks[i] = Task(i, group, paths, None, str(e), ERROR)
       continue
     if options.kind == "features" and meta.dataset == "generic":
       meta = dataclasses.replace(meta, clip_id=os.path.splitext(os.path.basename(group[0]))[0])
-    if meta.clip_id in seen:
-      tasks.append(Task(i, group, paths, meta, f"duplicate clip_id {meta.clip_id!r} (also {seen[meta.clip_id]})",
-                        ERROR))
+    metas[i] = (paths, meta)
+  # Clip ids are claimed by video files first: a separate audio track with its video's id is not a duplicate.
+  audio_only = {i for i in metas if options.kind == "raw" and _is_audio_only_name(groups[i][0])}
+  seen = {}
+  for i in sorted(metas, key=lambda i: (i in audio_only, i)):
+    (paths, meta), group = metas[i], groups[i]
+    other = seen.get(meta.clip_id)
+    if other is not None and i in audio_only and other[1]:
+      tasks[i] = Task(i, group, paths, meta, f"audio-only file with the clip_id of the video {other[0]} "
+                                             f"(the clip is prepared from the video)", EXPECTED)
       continue
-    seen[meta.clip_id] = group[0]
+    if other is not None:
+      tasks[i] = Task(i, group, paths, meta, f"duplicate clip_id {meta.clip_id!r} (also {other[0]})", ERROR)
+      continue
+    seen[meta.clip_id] = (group[0], i not in audio_only)
     if meta.clip_id in ratings:
       meta = dataclasses.replace(meta, targets=ratings[meta.clip_id])
-    tasks.append(Task(i, group, paths, meta))
+    tasks[i] = Task(i, group, paths, meta)
   unknown = sorted(set(ratings) - set(seen))
   if unknown:
     raise PrepareError(f"--ratings={options.ratings!r} rates clips that are not among the inputs: {unknown[:10]}")
-  return root, tasks
+  return root, tasks, notes
 
 
 def _pair_features(rel: list[str]) -> list[tuple[str, str]]:
@@ -210,6 +247,14 @@ def _sha256(path: str) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
+
+
+def _load_entry(work: str, index: int) -> dict:
+  path = _entry_path(work, index, ".json")
+  try:
+    return records.read_json(path, what="work entry")
+  except records.RecordError as e:
+    raise PrepareError(f"{e} (delete it to redo input {index})") from None
 
 
 def _read_record(path: str) -> dict:
@@ -265,8 +310,25 @@ def process_task(task: Task, kind: str, config: extract_lib.ExtractConfig, work:
 
 
 def _worker_init() -> None:
+  # Ctrl-C reaches every process of the terminal's process group: the parent alone reports it and terminates the
+  # pool, so workers ignore SIGINT (from process start on, see _sigint_ignored) instead of printing tracebacks.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   import cv2  # one OpenCV thread per worker process: the pool provides the parallelism
   cv2.setNumThreads(1)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+  """Ignores SIGINT while worker processes start: they inherit that through exec, so it covers their imports."""
+  try:
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  except ValueError:  # not the main thread: signals are not ours to change
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, old)
 
 
 def _run_task(args) -> dict:
@@ -294,8 +356,7 @@ class _Writer:
     return self.tasks[s * size:(s + 1) * size]
 
   def load_entry(self, index: int) -> dict:
-    with open(_entry_path(self.work, index, ".json")) as f:
-      return json.load(f)
+    return _load_entry(self.work, index)
 
   def flush(self) -> None:
     while self.next_shard < self.num_shards:
@@ -406,24 +467,23 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     raise PrepareError(f"--shard_size must be >= 1, got {options.shard_size}")
   import cv2
   cv2.setNumThreads(1)
-  _, tasks = plan_tasks(options)
+  _, tasks, notes = plan_tasks(options)
   plan = _plan_record(options, tasks)
   out = options.output
   work = os.path.join(out, WORK_DIR)
   info_path = os.path.join(out, records.DATASET_INFO)
   if os.path.exists(info_path):
-    info = records.load_dataset_info(out)
+    info = _read_state(info_path, records.DATASET_INFO)
     if info.get("plan_digest") != plan["digest"]:
       raise PrepareError(f"{out} already holds a prepared dataset made from other inputs or parameters; "
                          f"choose a new --output")
     shutil.rmtree(work, ignore_errors=True)
-    return _summary(out, info, done=True, note="already complete; nothing to do")
+    return _summary(out, info, done=True, note="already complete; nothing to do", notes=notes)
   os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
   os.makedirs(work, exist_ok=True)
   plan_path = os.path.join(work, PLAN)
   if os.path.exists(plan_path):
-    with open(plan_path) as f:
-      old = json.load(f)
+    old = _read_state(plan_path, "preparation plan")
     if old.get("digest") != plan["digest"]:
       raise PrepareError(f"{out} holds an unfinished preparation of other inputs or parameters "
                          f"({plan_path}); re-run it with its original arguments or choose a new --output")
@@ -445,10 +505,22 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
   writer.flush()
   if stopped or writer.next_shard < writer.num_shards:
     return dict(done=False, output=out, processed=len(pending), shards_written=writer.next_shard,
-                note=f"stopped after {len(pending)} clips (--stop_after); re-run the same command to continue")
+                note=f"stopped after {len(pending)} clips (--stop_after); re-run the same command to continue",
+                notes=notes)
   info = writer.finalise(plan)
   shutil.rmtree(work, ignore_errors=True)
-  return _summary(out, info, done=True, note=f"processed {len(pending)} clips")
+  return _summary(out, info, done=True, note=f"processed {len(pending)} clips", notes=notes)
+
+
+def _read_state(path: str, what: str) -> Any:
+  """A JSON state file of the output directory; a malformed one is an error naming its path and line."""
+  try:
+    data = records.read_json(path, what=what)
+  except records.RecordError as e:
+    raise PrepareError(str(e)) from None
+  if not isinstance(data, dict):
+    raise PrepareError(f"{path}:1: malformed {what}: expected a JSON object, got {type(data).__name__}")
+  return data
 
 
 def _run_all(args: list, options: PrepareOptions, writer: _Writer) -> None:
@@ -472,7 +544,9 @@ def _run_all(args: list, options: PrepareOptions, writer: _Writer) -> None:
         handle(_run_task(a))
     else:
       ctx = multiprocessing.get_context("spawn")
-      with ctx.Pool(min(options.workers, len(args)), initializer=_worker_init) as pool:
+      with _sigint_ignored():
+        pool = ctx.Pool(min(options.workers, len(args)), initializer=_worker_init)
+      with pool:  # on any exception, KeyboardInterrupt included, the workers are terminated
         for entry in pool.imap(_run_task, args, chunksize=1):
           handle(entry)
   finally:
@@ -480,19 +554,27 @@ def _run_all(args: list, options: PrepareOptions, writer: _Writer) -> None:
       bar.close()
 
 
-def _summary(out: str, info: dict, done: bool, note: str) -> dict[str, Any]:
+def _summary(out: str, info: dict, done: bool, note: str, notes: Sequence[str] = ()) -> dict[str, Any]:
   entries = []
   manifest = os.path.join(out, MANIFEST)
   if os.path.exists(manifest):
-    with open(manifest) as f:
-      entries = [json.loads(line) for line in f if line.strip()]
-  skipped = [(e["source"], e["reason"]) for e in entries if e["status"] != "ok"]
+    try:
+      entries = records.read_jsonl(manifest, what="manifest")
+    except records.RecordError as e:
+      raise PrepareError(str(e)) from None
+  skipped = []
+  for n, e in enumerate(entries, 1):
+    if not isinstance(e, dict) or not {"source", "status", "reason"} <= set(e):
+      raise PrepareError(f"{manifest}: entry {n} is not a manifest entry (expected an object with source, status "
+                         f"and reason)")
+    if e["status"] != "ok":
+      skipped.append((e["source"], e["reason"]))
   return dict(done=done, output=out, ok=info.get("num_clips", 0), skipped=skipped, shards=info.get("shards", []),
-              note=note)
+              note=note, notes=list(notes))
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-  lines = [f"{summary['output']}: {summary['note']}"]
+  lines = [f"{summary['output']}: {summary['note']}"] + [f"  note: {n}" for n in summary.get("notes", [])]
   if not summary["done"]:
     return "\n".join(lines)
   lines.append(f"{summary['ok']} clips written to {len(summary['shards'])} shard(s); "
@@ -555,6 +637,38 @@ def options_from_flags(FLAGS) -> PrepareOptions:
                         config=config, progress=FLAGS.progress)
 
 
+def resume_command() -> str:
+  """The command line of this process, quoted for a POSIX shell (re-running it resumes the preparation)."""
+  argv = getattr(sys, "orig_argv", None) or [sys.executable, "-m", "data.prepare"] + sys.argv[1:]
+  return shlex.join(argv)
+
+
+def progress_counts(output: str) -> tuple[int, int | None]:
+  """(finished inputs, all inputs or None when unknown) of an unfinished preparation in `output`."""
+  work = os.path.join(output, WORK_DIR)
+  try:
+    done = sum(1 for name in os.listdir(work) if re.fullmatch(r"\d{7,}\.json", name))
+  except OSError:
+    return 0, None
+  try:
+    total = len(records.read_json(os.path.join(work, PLAN), what="preparation plan")["inputs"])
+  except (records.RecordError, KeyError, TypeError):
+    total = None
+  return done, total
+
+
+def interrupted_message(output: str) -> str:
+  """The single line printed after Ctrl-C: progress so far and the command that resumes the run."""
+  if not output:
+    return f"interrupted before any clip was done; start again with: {resume_command()}"
+  if os.path.exists(os.path.join(output, records.DATASET_INFO)):
+    return f"interrupted: {output} is complete; re-running {resume_command()} only tidies up"
+  done, total = progress_counts(output)
+  of = f" of {total}" if total is not None else ""
+  return (f"interrupted: {done}{of} clips done (progress kept in {os.path.join(output, WORK_DIR)}); "
+          f"resume with: {resume_command()}")
+
+
 def main(argv: Sequence[str]) -> int:
   from absl import flags
   if len(argv) > 1:
@@ -564,11 +678,26 @@ def main(argv: Sequence[str]) -> int:
   except (PrepareError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    return _report_interrupt(flags.FLAGS.output or "")
   print(format_summary(summary))
+  if summary["done"] and not summary["ok"]:
+    print(f"error: no clip could be written to {summary['output']}: all {len(summary['skipped'])} inputs were "
+          f"skipped (reasons above)", file=sys.stderr)
+    return 1
   return 0
+
+
+def _report_interrupt(output: str) -> int:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while reporting must not end in a traceback
+  print(interrupted_message(output), file=sys.stderr, flush=True)
+  return 130
 
 
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main)
+  try:
+    app.run(main)
+  except KeyboardInterrupt:  # before main (flag parsing, absl start-up)
+    sys.exit(_report_interrupt(""))

@@ -9,8 +9,8 @@ they do not collide with TFDS's own catalogue (which has a `crema_d` audio build
   avt_sample      the media bundled in sample/media (configs `full`, `tiny`); plain generator.
   avt_crema_d     CREMA-D VideoFlash/*.flv (labels and actors from file names); Apache Beam.
   avt_voxceleb2   VoxCeleb2 <root>/idXXXXX/<video>/<clip>.mp4 (unlabelled, speaker kept); Apache Beam.
-  avt_msp_improv  MSP-IMPROV sessionK/<S01A>/<P|R|S|T>/*.avi + Evaluation.txt (A/V/D targets, categorical
-                  label A H S N = 0..3, session, speaker); Apache Beam.
+  avt_msp_improv  MSP-IMPROV sessionK/<S01A>/<P|R|S|T>/*.avi + Evalution.txt (or Evaluation.txt) (A/V/D targets,
+                  categorical label A H S N = 0..3, session, speaker); Apache Beam.
 
 Build with array_record files, e.g.
   builder = AvtCremaD(data_dir=...)
@@ -198,12 +198,15 @@ class AvtMspImprov(_AvtBuilder):
 
   DATASET = "msp_improv"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  manual_dir must hold MSP-IMPROV as distributed: Evaluation.txt at the top and the videos at
+  manual_dir must hold MSP-IMPROV as distributed: the label file Evalution.txt (so spelled in the release;
+  Evaluation.txt is accepted too) at the top and the videos at
   sessionK/<S01A>/<P|R|S|T>/MSP-IMPROV-S01A-F01-P-FM01.avi (any depth works; names carry speaker and session).
+  The separate Audio/ tree of .wav files is not read: the clips take their audio from the videos.
   """
 
   def _resolver(self, root: str) -> datasets_lib.Resolver:
-    labels = os.path.join(root, "Evaluation.txt")
-    if not os.path.exists(labels):
-      raise FileNotFoundError(f"{labels} not found: MSP-IMPROV's Evaluation.txt must sit at the top of manual_dir")
-    return datasets_lib.Resolver("msp_improv", datasets_lib.read_msp_improv_labels(labels))
+    labels, path, note = datasets_lib.load_msp_improv_labels(root)
+    if note:
+      logging.warning("%s", note)
+    logging.info("MSP-IMPROV labels: %s", path)
+    return datasets_lib.Resolver("msp_improv", labels, path)

@@ -194,3 +194,31 @@ def test_subsets_command_writes_the_file(tmp_path):
                         f"--folds={tmp_path}/missing.json", f"--output={out}"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode != 0 and "missing.json not found" in bad.stderr
+
+
+def test_malformed_files_name_path_and_line(tmp_path):
+  manifest = tmp_path / "manifest.jsonl"
+  rows = open(os.path.join(SYNTH, "manifest.jsonl")).read().splitlines()[:3]
+  manifest.write_text("\n".join([rows[0], rows[1][:-1], rows[2]]) + "\n")
+  with pytest.raises(folds_lib.FoldsError, match=f"^{manifest}:2: malformed manifest line: "):
+    folds_lib.read_manifest(str(manifest))
+  folds = tmp_path / "folds.json"
+  text = json.dumps(folds_lib.synth_folds(6, 3, 1), indent=1).splitlines()
+  text[2] = text[2].replace('"field"', "field")  # line 3: an unquoted key
+  folds.write_text("\n".join(text))
+  with pytest.raises(folds_lib.FoldsError, match=f"^{folds}:3: malformed folds file: Expecting property name"):
+    folds_lib.load_folds(str(folds))
+  subsets = tmp_path / "subsets.json"
+  subsets.write_text("[1, 2]\n")
+  with pytest.raises(folds_lib.FoldsError, match=f"^{subsets}:1: malformed subsets file: expected a JSON object"):
+    folds_lib.load_subsets(str(subsets))
+  with pytest.raises(FileNotFoundError, match="subsets file .*nope.json not found"):
+    folds_lib.load_subsets(str(tmp_path / "nope.json"))
+
+
+def test_written_files_replace_the_old_ones_whole(tmp_path):
+  path = tmp_path / "sub" / "x.json"
+  folds_lib._write_json(str(path), {"a": 1})  # pylint: disable=protected-access
+  folds_lib._write_json(str(path), {"b": [1, 2]}, indent=None)  # pylint: disable=protected-access
+  assert path.read_text() == '{"b": [1, 2]}\n'
+  assert os.listdir(path.parent) == ["x.json"]  # no temporary file left beside it

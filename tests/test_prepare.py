@@ -3,9 +3,12 @@
 import csv
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -163,7 +166,9 @@ def test_cli_flags_and_summary(tmp_path):
   cmd = [sys.executable, "-m", "data.prepare", f"--input={d}", f"--output={out}", "--dataset=crema_d",
          "--workers=1", "--shard_size=8", "--noprogress"]
   res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert res.returncode == 0, res.stderr
+  # Nothing usable among the inputs: the summary is printed, and the exit status says the run produced nothing.
+  assert res.returncode == 1, res.stderr
+  assert "error: no clip could be written" in res.stderr and "all 2 inputs were skipped" in res.stderr
   assert "broken.mp4" in res.stdout and "no video stream (audio-only file)" in res.stdout
   # crema_d naming is enforced: broken.mp4 is reported for its name before it is even opened
   entries = {e["source"]: e for e in _manifest(str(out))}
@@ -301,3 +306,96 @@ def test_ratings_csv_errors_name_file_line_and_field(tmp_path):
   ok.write_text("clip_id,valence\nx,2.5\n")
   got = datasets_lib.read_ratings_csv(str(ok))["x"]
   assert np.isnan(got[0]) and got[1] == 2.5 and np.isnan(got[2])
+
+
+# ---- Ctrl-C during `python -m data.prepare` ----
+
+def _default_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)  # a shell may start background jobs with SIGINT ignored
+
+
+def _start_cli(inputs, out, workers, own_group):
+  cmd = [sys.executable, "-m", "data.prepare", f"--input={inputs}", f"--output={out}", "--shard_size=2",
+         f"--workers={workers}", "--noprogress"]
+
+  def preexec():
+    _default_sigint()
+    if own_group:
+      os.setpgrp()  # its own process group, so the test can signal it the way a terminal does
+
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=preexec)
+  return cmd, proc
+
+
+def _wait_for(paths, proc, timeout=120):
+  deadline = time.time() + timeout
+  while not all(os.path.exists(p) for p in paths):
+    assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
+    assert time.time() < deadline, f"no progress files {paths} after {timeout} s"
+    time.sleep(0.02)
+
+
+def _work_files(out):
+  work = os.path.join(out, prepare.WORK_DIR)
+  return {n: open(os.path.join(work, n), "rb").read() for n in sorted(os.listdir(work))}
+
+
+def _check_interrupted(cmd, proc, out):
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, (stdout, stderr)
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1, stderr
+  done = sum(1 for n in os.listdir(os.path.join(out, "work")) if n[:7].isdigit() and n.endswith(".json"))
+  assert lines[0] == (f"interrupted: {done} of 6 clips done (progress kept in {out}/work); "
+                      f"resume with: {shlex.join(cmd)}")
+  # What was finished is whole: every entry parses, every record decodes.
+  for name, data in _work_files(out).items():
+    if name.endswith(".json"):
+      json.loads(data)
+    elif name.endswith(".rec"):
+      records.decode(data, name)
+  return done
+
+
+def _resume_and_compare(cmd, out, full_out, done):
+  res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_default_sigint)
+  assert res.returncode == 0, res.stderr
+  assert f"processed {6 - done} clips" in res.stdout  # finished clips were not redone
+  assert _shard_bytes(out) == _shard_bytes(full_out)
+  for name in ("manifest.jsonl", "dataset_info.json"):
+    assert open(os.path.join(out, name), "rb").read() == open(os.path.join(full_out, name), "rb").read()
+  assert not os.path.exists(os.path.join(out, "work"))
+
+
+def test_ctrl_c_reports_progress_and_resume_command(inputs, full, tmp_path):
+  out = str(tmp_path / "out")
+  cmd, proc = _start_cli(inputs, out, workers=1, own_group=False)
+  # Inputs 0 (mp3) and 1 (flv) finished: shard 0 is written; interrupt while input 2 is being extracted.
+  _wait_for([f"{out}/work/0000001.json", f"{out}/shards/clips-00000-of-00003.array_record"], proc)
+  proc.send_signal(signal.SIGINT)
+  done = _check_interrupted(cmd, proc, out)
+  assert done >= 2
+  shard0 = os.path.join(out, "shards", "clips-00000-of-00003.array_record")
+  before = os.stat(shard0)
+  _resume_and_compare(cmd, out, full[0], done)
+  after = os.stat(shard0)
+  assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+
+
+def test_ctrl_c_with_worker_pool_prints_no_child_tracebacks(inputs, full, tmp_path):
+  out = str(tmp_path / "out")
+  cmd, proc = _start_cli(inputs, out, workers=2, own_group=True)
+  _wait_for([f"{out}/work/0000000.json", f"{out}/work/0000001.json"], proc)
+  os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal: the parent and every worker get it
+  done = _check_interrupted(cmd, proc, out)
+  deadline = time.time() + 30
+  while True:  # no worker outlives the run
+    try:
+      os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+      break
+    assert time.time() < deadline, "worker processes are still running after the interrupted run exited"
+    time.sleep(0.1)
+  _resume_and_compare(cmd, out, full[0], done)
