@@ -16,6 +16,9 @@ it reproduces the release's forward.
 
 Usage:
   python -m avt_jax.convert_release --input=base.npz --output=/path/to/avt_base [--size=auto] [--check=inputs.npz]
+Paths may be relative to the current directory. --output must be new (or an empty directory): everything is
+written to a temporary sibling and renamed into place at the end, so a failed or interrupted run leaves no
+half-written output and never touches an existing one.
 A `.pt` input needs PyTorch installed; otherwise export it to `.npz` first (see `EXPORT_HINT`).
 """
 
@@ -25,6 +28,8 @@ import hashlib
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 from typing import Any, Mapping, Optional
 
@@ -356,13 +361,19 @@ def _load_check_inputs(path: str, cfg) -> tuple[np.ndarray, np.ndarray]:
   return audio, visual
 
 
+def check_output_free(output: str) -> str:
+  """The absolute --output path; raises FileExistsError if it is a file or a non-empty directory."""
+  output = os.path.abspath(output)
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise FileExistsError(f"--output={output} exists and is not an empty directory; choose a new one")
+  return output
+
+
 def write_checkpoint(output: str, params, cfg, source: Optional[str] = None,
                      check_inputs: Optional[str] = None) -> str:
   """Writes the converted checkpoint (and check_outputs.npz) to a fresh local directory, all or nothing."""
   from avt_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  output = os.path.abspath(output)
-  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-    raise FileExistsError(f"--output={output} exists and is not an empty directory; choose a new one")
+  output = check_output_free(output)
   checks = _load_check_inputs(check_inputs, cfg) if check_inputs else None
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
@@ -405,15 +416,21 @@ def main(argv) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   flag = flags.FLAGS
-  sd = load_state_dict(flag.input)
+  # A SIGTERM (job schedulers, `kill`) becomes SystemExit, so write_checkpoint removes its temporary directory.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+  # Every path is made absolute once, here, so relative arguments work from any directory.
+  source = os.path.abspath(flag.input)
+  check = os.path.abspath(flag.check) if flag.check else None
+  output = check_output_free(flag.output)  # before the conversion, which can take a while
+  sd = load_state_dict(source)
   ignored = sorted(k for k in sd if is_ignored(k))
-  params, cfg = convert(sd, flag.size, flag.num_heads, source=flag.input, scan_layers=flag.scan_layers)
-  out = write_checkpoint(flag.output, params, cfg, source=flag.input, check_inputs=flag.check)
+  params, cfg = convert(sd, flag.size, flag.num_heads, source=source, scan_layers=flag.scan_layers)
+  out = write_checkpoint(output, params, cfg, source=source, check_inputs=check)
   n = sum(int(np.prod(x.shape)) for x in _iter_leaves(params))
-  print(f"converted {flag.input} ({cfg.size}: d={cfg.width}, {cfg.num_heads} heads, {cfg.num_layers} layers; "
+  print(f"converted {source} ({cfg.size}: d={cfg.width}, {cfg.num_heads} heads, {cfg.num_layers} layers; "
         f"{len(sd) - len(ignored)} tensors, {n:,} parameters) -> {out}")
   print(f"ignored ({len(ignored)}): {', '.join(ignored)}")
-  if flag.check:
+  if check:
     print(f"wrote {os.path.join(out, 'check_outputs.npz')}")
 
 

@@ -8,9 +8,12 @@ reads only the raw state_dict arrays.
 
 import hashlib
 import json
+import glob
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -439,9 +442,12 @@ def test_npz_with_objects_is_refused(tmp_path):
 # Command line end to end, then the fine-tuning restore path.
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run([sys.executable, "-m", "avt_jax.convert_release", *args], cwd=REPO, env=env,
+CLI_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def run_cli(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "avt_jax.convert_release", *args], cwd=cwd, env=CLI_ENV,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -507,3 +513,49 @@ def test_cli_bad_state_dict_writes_nothing(tmp_path):
   res = run_cli(f"--input={tmp_path / 'broken.npz'}", f"--output={tmp_path / 'out'}", "--num_heads=2")
   assert res.returncode != 0 and "proj_v.weight" in res.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_cli_relative_paths_from_another_directory(tmp_path):
+  np.savez(tmp_path / "small.npz", **small_state_dict(seed=12))
+  audio, visual = random_inputs(np.random.default_rng(13), 1, 5)
+  np.savez(tmp_path / "inputs.npz", audio=audio, visual=visual)
+  res = run_cli("--input=small.npz", "--output=ckpt/small", "--num_heads=2", "--check=inputs.npz", cwd=tmp_path)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = tmp_path / "ckpt" / "small"
+  assert f"-> {out}" in res.stdout and f"wrote {out / 'check_outputs.npz'}" in res.stdout
+  assert sorted(os.listdir(out)) == ["check_outputs.npz", "checkpoints", "config.json"]
+  assert json.loads((out / "config.json").read_text())["converted_from"]["file"] == str(tmp_path / "small.npz")
+  assert os.listdir(tmp_path / "ckpt") == ["small"]  # the temporary sibling was renamed, nothing left over
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_interrupted_after_the_checkpoint_leaves_no_output(tmp_path, sig):
+  # Interrupted once the checkpoint and config.json are in the temporary directory, during the --check forward.
+  np.savez(tmp_path / "small.npz", **small_state_dict(seed=14))
+  audio, visual = random_inputs(np.random.default_rng(15), 8, 512)  # a forward long enough to interrupt
+  np.savez(tmp_path / "inputs.npz", audio=audio, visual=visual)
+  (tmp_path / "keep.txt").write_text("precious")
+  proc = subprocess.Popen([sys.executable, "-m", "avt_jax.convert_release", "--input=small.npz",
+                           "--output=converted", "--num_heads=2", "--check=inputs.npz"], cwd=tmp_path, env=CLI_ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while proc.poll() is None and not glob.glob(str(tmp_path / "converted.tmp-*" / "config.json")):
+    assert time.monotonic() < deadline, "the converter never wrote its temporary config.json"
+    time.sleep(0.005)
+  assert proc.poll() is None, "the converter finished before it could be interrupted: " + proc.communicate()[1][-2000:]
+  assert os.path.isdir(glob.glob(str(tmp_path / "converted.tmp-*"))[0] + "/checkpoints/0")
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0, err[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ["inputs.npz", "keep.txt", "small.npz"], err[-2000:]
+  assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_existing_output_is_refused_before_converting(tmp_path):
+  # The check comes first: a broken input behind a taken --output reports the output, and nothing is touched.
+  (tmp_path / "broken.npz").write_bytes(b"not an npz")
+  (tmp_path / "taken").write_text("a file")
+  res = run_cli("--input=broken.npz", "--output=taken", "--num_heads=2", cwd=tmp_path)
+  assert res.returncode != 0
+  assert f"--output={tmp_path / 'taken'} exists and is not an empty directory" in res.stderr
+  assert sorted(os.listdir(tmp_path)) == ["broken.npz", "taken"] and (tmp_path / "taken").read_text() == "a file"
