@@ -40,6 +40,26 @@ def home_path(path: str) -> str:
   return '"$HOME"/' + q(path)
 
 
+def is_remote(path: str) -> bool:
+  """gs://... and other URLs: the same for every machine, never made absolute."""
+  return "://" in path
+
+
+def absolute_local(path: str) -> str:
+  """A local path made absolute against the current directory (the one a relative command-line path is typed in);
+  '' and remote paths are returned as they are."""
+  if not path or is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def require_absolute(path: str, flag: str, why: str) -> str:
+  """Refuses a relative local path that another machine would resolve against another directory."""
+  if path and not is_remote(path) and not os.path.isabs(path):
+    raise LaunchError(f"{flag}={path!r}: expected an absolute path or a gs:// URL ({why})")
+  return path
+
+
 def main_argv(python: str, config: str, workdir: str, extra: Sequence[str] = ()) -> list[str]:
   """The argv of one training process (the same on every host)."""
   return [python, "-m", "avt_jax.main", f"--config={config}", f"--workdir={workdir}", *extra]

@@ -14,7 +14,8 @@ SLURM (one task per node; each task drives all GPUs of its node):
   single process of a node sees all G GPUs. `--signal=TERM@<s>` makes SLURM send SIGTERM to the tasks <s>
   seconds before the time limit: the trainer checkpoints and exits 0. With --requeue the job may be requeued after
   preemption, and with --requeue_until_done the script requeues itself while <workdir>/final_metrics.json is
-  missing; every restart resumes from the newest checkpoint in the workdir.
+  missing; every restart resumes from the newest checkpoint in the workdir. A relative --workdir is made absolute
+  against the current directory (sbatch runs here; the job starts in --repo_dir).
 
 Plain ssh (one process per host; host i gets AVT_PROCESS_ID=i, host 0 is the coordinator):
 
@@ -26,7 +27,8 @@ Plain ssh (one process per host; host i gets AVT_PROCESS_ID=i, host 0 is the coo
 
   For host i: ssh <host> 'cd <repo_dir>; AVT_COORDINATOR=<host0>:<port> AVT_NUM_PROCESSES=<N> AVT_PROCESS_ID=<i>
   nohup <python> -m avt_jax.main ... >> avt_jax_run_<i>.log 2>&1 &' (avt_jax.main initialises jax.distributed from
-  these variables; each process sees all GPUs of its host). The workdir must be on storage all hosts share.
+  these variables; each process sees all GPUs of its host). The workdir must be on storage all hosts share, given as
+  an absolute path (each host starts in --repo_dir) or gs://.
 """
 
 from __future__ import annotations
@@ -249,14 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _write_atomic(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None, runner: Callable = common.default_runner, out=None) -> int:
   argv, extra = common.split_extra(sys.argv[1:] if argv is None else argv)
   out = out or sys.stdout
@@ -266,8 +260,11 @@ def main(argv: Sequence[str] | None = None, runner: Callable = common.default_ru
     if extra and args.command not in ("slurm", "ssh"):
       raise LaunchError(f"arguments after '--' are only used by slurm and ssh, not {args.command}")
     if args.command == "slurm":
+      # sbatch runs here and the nodes share this filesystem: a relative workdir is taken from this directory (in
+      # the job it would be taken from --repo_dir, and Orbax refuses relative checkpoint paths).
+      workdir = common.absolute_local(args.workdir)
       text = sbatch_script(
-          config=args.config, workdir=args.workdir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, extra=extra,
+          config=args.config, workdir=workdir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, extra=extra,
           job_name=args.job_name, partition=args.partition, account=args.account, time_limit=args.time,
           cpus_per_task=args.cpus_per_task, log_dir=args.log_dir, repo_dir=args.repo_dir, python=args.python,
           setup=args.setup, env=common.parse_env(args.env), signal_seconds=args.signal_seconds,
@@ -277,12 +274,17 @@ def main(argv: Sequence[str] | None = None, runner: Callable = common.default_ru
       if args.dry_run:
         print(text + SUBMIT_MARKER, file=out)
       else:
-        _write_atomic(script, text)
+        # Imported here: a dry run (and the ssh subcommands) work on a machine without the training packages.
+        from avt_jax import records  # pylint: disable=g-import-not-at-top
+        os.makedirs(os.path.dirname(os.path.abspath(script)), exist_ok=True)
+        records.write_atomic(script, text)
         print(f"wrote {script}", file=sys.stderr)
       common.run_commands(cmds, args.dry_run, runner, out)
       return 0
     hosts = _hosts(args)
     if args.command == "ssh":
+      common.require_absolute(args.workdir, "--workdir", "each host starts the trainer in --repo_dir, so a relative "
+                              "path would be taken from there, not from this directory")
       cmds = ssh_start_commands(hosts, config=args.config, workdir=args.workdir, repo_dir=args.repo_dir,
                                 port=args.port, extra=extra, python=args.python,
                                 coordinator_host=args.coordinator_host, setup=args.setup,

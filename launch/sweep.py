@@ -3,6 +3,11 @@ r"""Fine-tuning sweeps: folds x label fractions x seeds x init (pretrained / scr
   python -m launch.sweep --sweep=configs/sweeps/synth_table.py --workdir=<dir> [--dry_run] [--only=<substring>]
       [--noplots] [--aggregate_only]
 
+--workdir is taken from the current directory, --sweep from the current directory or else the repository root;
+relative paths inside a sweep file (config, folds, subsets, init_from, data.train / eval / test overrides) are taken
+from the repository root, so a sweep file means the same from any directory. All of them are made absolute once,
+before anything is written: run.json and the trainer's --workdir hold absolute paths (Orbax refuses relative ones).
+
 A sweep file is a python module whose get_sweep() returns a dict:
   config     base fine-tuning config file[:variant] (relative to the repository root or absolute)
   pretrain   optional: {"config": <file[:variant]>, "overrides": {...}} run first, once, in <workdir>/pretrain
@@ -17,9 +22,12 @@ A sweep file is a python module whose get_sweep() returns a dict:
 Each run is `python -m avt_jax.main --config=configs/sweeps/run.py:<run dir>/run.json --workdir=<run dir>` with
 <run dir> = <workdir>/runs/<fold>_frac<percent>_seed<seed>_<init>_lr<lr>; run.json holds the base config and every
 override (fold filters, subset clip ids, seed, learning rate, init_from). Runs execute one after another; a run
-whose final_metrics.json exists is skipped (an interrupted run resumes from its own checkpoint, since the trainer
-resumes); a finished run whose run.json no longer matches the sweep is an error (use a new --workdir). With
---dry_run the run files are written and the commands printed (e.g. for a cluster), nothing is trained.
+whose final_metrics.json holds a JSON object is done and skipped; one whose final_metrics.json does not parse (a
+torn write) gets a warning naming the file and runs again (an interrupted run resumes from its own checkpoint,
+since the trainer resumes); a finished run whose run.json no longer matches the sweep is an error (use a new
+--workdir). With --dry_run the run files are written and the commands printed (e.g. for a cluster), nothing is
+trained. Every file the sweep writes (run.json, launch.json, subsets.json, results.*, predictions.npz) is written
+whole or not at all (records.write_atomic).
 
 Then <workdir>/results.csv (one row per run) and <workdir>/results.md: per label fraction and init, test metrics
 at the validation-selected checkpoint, mean +- sample std (ddof=1) over folds x seeds, at the learning rate whose
@@ -47,7 +55,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from avt_jax import config_lib
+from avt_jax import config_lib, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONFIG = os.path.join("configs", "sweeps", "run.py")
@@ -69,7 +77,36 @@ class SweepError(ValueError):
 
 
 def resolve(path: str) -> str:
+  """A path of a sweep file: absolute, or relative to the repository root."""
   return path if os.path.isabs(path) else os.path.join(REPO, path)
+
+
+def sweep_file(path: str) -> str:
+  """The --sweep flag: from the current directory when there is such a file, else from the repository root."""
+  path = os.path.expanduser(path)
+  return os.path.abspath(path) if os.path.exists(path) else resolve(path)
+
+
+# Overrides that name files; relative ones are made absolute (from the repository root) in run.json.
+PATH_KEYS = ("init_from", "data.train", "data.eval", "data.test")
+
+
+def _repo_data(spec: Any) -> Any:
+  """A path or dataset spec ('tfds:...', gs://..., a mapping with path / data_dir / info_dir, a list of them) with
+  its local relative paths taken from the repository root, the directory the trainer runs in."""
+  if isinstance(spec, str):
+    if not spec or "://" in spec or spec.startswith("tfds:"):
+      return spec
+    return os.path.normpath(resolve(os.path.expanduser(spec)))
+  if isinstance(spec, (list, tuple)):
+    return [_repo_data(s) for s in spec]
+  if isinstance(spec, Mapping):
+    return {k: _repo_data(v) if k in ("path", "data_dir", "info_dir") else v for k, v in spec.items()}
+  return spec
+
+
+def absolute_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: _repo_data(v) if k in PATH_KEYS else v for k, v in overrides.items()}
 
 
 def _load_module(path: str, name: str):
@@ -118,8 +155,7 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
 def build_config(run_spec: Mapping[str, Any] | str):
   """The ml_collections config of one run: its base config file with the run's overrides (run.json or dict)."""
   if isinstance(run_spec, str):
-    with open(run_spec) as f:
-      run_spec = json.load(f)
+    run_spec = records.read_json(run_spec, what="run spec")
   config = load_config_file(run_spec["config"])
   return apply_overrides(config, run_spec.get("overrides", {}))
 
@@ -168,6 +204,14 @@ def load_sweep(path: str) -> dict[str, Any]:
   for f in sweep["fractions"]:
     if not 0 < float(f) <= 1:
       raise SweepError(f"{path}: fraction {f} must be in (0, 1]")
+  # The run specs hold absolute paths: the in-process prediction pass then opens the same files as the trainer.
+  sweep["overrides"] = absolute_overrides(sweep["overrides"])
+  if sweep["pretrain"]:
+    p = sweep["pretrain"] = dict(sweep["pretrain"])
+    if p.get("init_from"):
+      p["init_from"] = _repo_data(p["init_from"])
+    else:
+      p["overrides"] = absolute_overrides(p.get("overrides", {}))
   return sweep
 
 
@@ -176,7 +220,7 @@ def pretrain_dir(sweep: Mapping[str, Any], workdir: str) -> str | None:
   if not p:
     return None
   if p.get("init_from"):
-    return resolve(p["init_from"])
+    return p["init_from"]  # Absolute (load_sweep).
   return os.path.join(os.path.abspath(workdir), "pretrain")
 
 
@@ -209,7 +253,7 @@ def ensure_subsets(sweep: Mapping[str, Any], workdir: str, train_data: str, task
                                 stratify="label" if task == "classification" else "targets",
                                 target_indices=list(target_indices))
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  folds_lib._write_json(path, data, indent=None)  # pylint: disable=protected-access
+  records.write_atomic(path, json.dumps(data) + "\n")
   return data
 
 
@@ -267,26 +311,52 @@ def command(run_dir: str) -> list[str]:
 def write_spec(run_dir: str, spec: Mapping[str, Any]) -> None:
   """Writes run.json; refuses if the run was started (or finished) under a different spec."""
   path = os.path.join(run_dir, RUN_SPEC)
+  new = json.loads(json.dumps(spec))
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
     started = set(os.listdir(run_dir)) - {RUN_SPEC}
-    if old != json.loads(json.dumps(spec)) and started:
-      changed = sorted(k for k in set(old.get("overrides", {})) | set(spec.get("overrides", {}))
-                       if old.get("overrides", {}).get(k) != spec.get("overrides", {}).get(k))
-      if old.get("config") != spec.get("config"):
-        changed.insert(0, "config")
-      raise SweepError(f"{run_dir} was started with a different spec (changed: {changed[:8]}); use a new "
-                       f"--workdir or delete that run")
+    try:
+      old = records.read_json(path, what="run spec")
+    except records.RecordError as e:
+      if started:
+        raise SweepError(f"{e}; cannot tell whether {run_dir} was started with this sweep's spec: use a new "
+                         f"--workdir or delete that run") from e
+      old = None  # Never started: the spec is simply written again.
+    if old == new:
+      return  # Unchanged: a finished run's files are left untouched.
+    if started:
+      if not isinstance(old, dict):
+        raise SweepError(f"{path}: expected a JSON object (the run spec), got {type(old).__name__}; use a new "
+                         f"--workdir or delete that run")
+      # Relative data paths of older run specs meant the same files (the trainer runs in the repository root).
+      old = dict(old, overrides=absolute_overrides(old.get("overrides", {})))
+      if old != new:
+        changed = sorted(k for k in set(old["overrides"]) | set(new.get("overrides", {}))
+                         if old["overrides"].get(k) != new.get("overrides", {}).get(k))
+        if old.get("config") != new.get("config"):
+          changed.insert(0, "config")
+        raise SweepError(f"{run_dir} was started with a different spec (changed: {changed[:8]}); use a new "
+                         f"--workdir or delete that run")
   os.makedirs(run_dir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(spec, f, indent=1)
-  os.replace(tmp, path)
+  records.write_atomic(path, json.dumps(spec, indent=1))
+
+
+def read_final(run_dir: str) -> tuple[dict[str, Any] | None, str]:
+  """(final metrics, "") of a finished run; (None, "") without final_metrics.json; (None, why) when it does not
+  parse as a JSON object (e.g. torn by a kill mid-write): such a run is not done."""
+  path = os.path.join(run_dir, FINAL)
+  if not os.path.exists(path):
+    return None, ""
+  try:
+    metrics = records.read_json(path, what="final metrics file")
+  except records.RecordError as e:
+    return None, str(e)
+  if not isinstance(metrics, dict):
+    return None, f"{path}: expected a JSON object of metrics, got {type(metrics).__name__}"
+  return metrics, ""
 
 
 def is_done(run_dir: str) -> bool:
-  return os.path.exists(os.path.join(run_dir, FINAL))
+  return read_final(run_dir)[0] is not None
 
 
 def execute(run_dir: str, log=print) -> tuple[int, float]:
@@ -299,19 +369,42 @@ def execute(run_dir: str, log=print) -> tuple[int, float]:
     rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
   wall = time.time() - t0
   record = {"rc": rc, "wall_s": round(wall, 1), "command": cmd}
-  with open(os.path.join(run_dir, LAUNCH_RECORD), "w") as f:
-    json.dump(record, f, indent=1)
+  records.write_atomic(os.path.join(run_dir, LAUNCH_RECORD), json.dumps(record, indent=1))
   if rc == 0 and not is_done(run_dir):
     log(f"  {run_dir}: the trainer exited without {FINAL} (preempted?); re-run the sweep to resume it")
     rc = -1
   return rc, wall
 
 
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+  """--set=key=value flags as overrides; a value is read as JSON when it parses (2, 1e-3, true), else as text."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise SweepError(f"--set={item!r}: expected <dotted config field>=<value>, e.g. --set=total_steps=2")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
 def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str = "", plots: bool = True,
-              aggregate_only: bool = False, log=print) -> dict[str, Any]:
-  """Runs (or prints) every run of a sweep, then aggregates. Returns {"launched", "skipped", "failed", ...}."""
-  sweep = load_sweep(resolve(sweep_path))
-  workdir = os.path.abspath(workdir)
+              aggregate_only: bool = False, log=print, extra_overrides: Mapping[str, Any] | None = None
+              ) -> dict[str, Any]:
+  """Runs (or prints) every run of a sweep, then aggregates. Returns {"launched", "skipped", "failed", ...}.
+
+  `extra_overrides` (the --set flags) are added to the overrides of every run and of the pretraining run.
+  """
+  # Absolute before anything is written: run specs, trainer --workdir flags and init_from all derive from these.
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  sweep = load_sweep(sweep_file(sweep_path))
+  if extra_overrides:
+    extra = absolute_overrides(extra_overrides)
+    sweep["overrides"].update(extra)
+    if sweep["pretrain"] and not sweep["pretrain"].get("init_from"):
+      sweep["pretrain"]["overrides"] = {**sweep["pretrain"].get("overrides", {}), **extra}
   os.makedirs(workdir, exist_ok=True)
   base = load_config_file(sweep["config"])
   base = apply_overrides(base, sweep["overrides"])
@@ -330,15 +423,18 @@ def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str
   todo.extend((r.name, r.dir(workdir), r.spec) for r in runs)
   init_from = pretrain_dir(sweep, workdir)
   if (not pre and not dry_run and not aggregate_only and any(r.init == "pretrained" for r in runs)
-      and not os.path.exists(init_from)):
+      and "://" not in init_from and not os.path.exists(init_from)):
     raise SweepError(f"the pretrained arm's init_from {init_from} does not exist (sweep pretrain={sweep['pretrain']})")
   if not aggregate_only:
     for _, run_dir, spec in todo:  # All specs first: a conflict stops the sweep before anything runs.
       write_spec(run_dir, spec)
     for k, (name, run_dir, _) in enumerate(todo):
-      if is_done(run_dir):
+      final, problem = read_final(run_dir)
+      if final is not None:
         stats["skipped"].append(name)
         continue
+      if problem:
+        log(f"warning: {problem}; {name} is not done and runs again (the trainer resumes from its checkpoints)")
       cmd = command(run_dir)
       stats["commands"].append(cmd)
       if dry_run:
@@ -358,7 +454,7 @@ def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str
     return stats
 
   select = base.get("select_metric", "") or ("accuracy" if base.task == "classification" else "ccc_mean")
-  rows = collect(runs, workdir)
+  rows = collect(runs, workdir, log=log)
   table = aggregate(rows, select, title=sweep["name"], target_names=tuple(base.loss.target_names))
   write_results(workdir, rows, table)
   if plots:
@@ -379,16 +475,15 @@ def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str
 # --------------------------------------------------------------------------------------------------------------
 
 
-def collect(runs: Sequence[Run], workdir: str) -> list[dict[str, Any]]:
-  """One row per run: axes, status, wall time, validation (val_*) and test (test_*) metrics."""
+def collect(runs: Sequence[Run], workdir: str, log=print) -> list[dict[str, Any]]:
+  """One row per run: axes, status (done / unreadable / failed / missing), wall time, validation (val_*) and test
+  (test_*) metrics. A run whose final_metrics.json does not parse is 'unreadable' and left out of the table."""
   rows = []
   for r in runs:
     d = r.dir(workdir)
     row = {"name": r.name, "fold": r.fold, "fraction": r.fraction, "seed": r.seed, "init": r.init, "lr": r.lr}
-    final = os.path.join(d, FINAL)
-    if os.path.exists(final):
-      with open(final) as f:
-        metrics = json.load(f)
+    metrics, problem = read_final(d)
+    if metrics is not None:
       row["status"] = "done"
       row["best_step"] = metrics.get("best/step")
       for k, v in sorted(metrics.items()):
@@ -396,12 +491,20 @@ def collect(runs: Sequence[Run], workdir: str) -> list[dict[str, Any]]:
           row["val_" + k[len("best/validation/"):]] = v
         elif k.startswith("test/"):
           row["test_" + k[len("test/"):]] = v
+    elif problem:
+      row["status"] = "unreadable"
+      log(f"warning: {problem}; {r.name} is left out of the table")
     else:
       row["status"] = "failed" if os.path.exists(os.path.join(d, LAUNCH_RECORD)) else "missing"
     launch = os.path.join(d, LAUNCH_RECORD)
     if os.path.exists(launch):
-      with open(launch) as f:
-        row["wall_s"] = json.load(f).get("wall_s")
+      try:
+        record = records.read_json(launch, what="launch record")
+        if not isinstance(record, dict):
+          raise records.RecordError(f"{launch}: expected a JSON object, got {type(record).__name__}")
+        row["wall_s"] = record.get("wall_s")
+      except records.RecordError as e:  # Bookkeeping only: the table does not need it.
+        log(f"warning: {e}; no wall time for {r.name}")
     rows.append(row)
   return rows
 
@@ -507,10 +610,7 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]], table: Mappin
   for r in rows:
     writer.writerow({k: r.get(k, "") for k in fixed + extra})
   for name, text in (("results.csv", buf.getvalue()), ("results.md", table["markdown"])):
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+    records.write_atomic(os.path.join(workdir, name), text)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -563,8 +663,9 @@ def predict_run(run_dir: str) -> dict[str, np.ndarray]:
   idx = list(config.loss.target_indices) if config.task == "regression" else [0, 1]
   result = {"output": np.concatenate(outs)[keep].astype(np.float32), "label": np.concatenate(labels)[keep],
             "targets": np.concatenate(targets)[keep][:, idx].astype(np.float32)}
-  np.savez(path + ".tmp.npz", **result)
-  os.replace(path + ".tmp.npz", path)
+  buf = io.BytesIO()
+  np.savez(buf, **result)
+  records.write_atomic(path, buf.getvalue())
   return result
 
 
@@ -573,14 +674,10 @@ def _curve(run_dir: str, metric: str) -> tuple[list[int], list[float]]:
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.exists(path):
     return steps, values
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      m = json.loads(line)
-      if m.get("split") == "eval" and metric in m:
-        steps.append(int(m["step"]))
-        values.append(float(m[metric]))
+  for m in records.read_jsonl(path, what="metrics file"):
+    if m.get("split") == "eval" and metric in m:
+      steps.append(int(m["step"]))
+      values.append(float(m[metric]))
   return steps, values
 
 
@@ -672,12 +769,13 @@ def main(argv):
     raise SystemExit(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Checkpoint-library chatter of the prediction passes; runs log to files.
   t0 = time.time()
-  stats = run_sweep(f.sweep, f.workdir, dry_run=f.dry_run, only=f.only, plots=f.plots,
-                    aggregate_only=f.aggregate_only)
+  workdir = os.path.abspath(os.path.expanduser(f.workdir))
+  stats = run_sweep(sweep_file(f.sweep), workdir, dry_run=f.dry_run, only=f.only, plots=f.plots,
+                    aggregate_only=f.aggregate_only, extra_overrides=parse_set(f.set))
   if not f.dry_run:
     print(f"sweep finished in {time.time() - t0:.0f}s: {len(stats['launched'])} runs launched, "
           f"{len(stats['skipped'])} skipped (finished before), {len(stats['failed'])} failed; results in "
-          f"{os.path.join(os.path.abspath(f.workdir), 'results.md')}")
+          f"{os.path.join(workdir, 'results.md')}")
   if stats["failed"]:
     sys.exit(1)
 
@@ -690,5 +788,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("only", "", "Only runs whose name contains this substring.")
   flags.DEFINE_bool("plots", True, "Write plots/ (needs an evaluation pass per run for predictions.npz).")
   flags.DEFINE_bool("aggregate_only", False, "Launch nothing; aggregate what is there.")
+  flags.DEFINE_multi_string("set", [], "Config override for every run and the pretraining run, <field>=<value> "
+                            "(e.g. --set=total_steps=2 for a smoke run); part of each run's spec.")
   flags.mark_flags_as_required(["sweep", "workdir"])
   app.run(main)

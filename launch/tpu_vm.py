@@ -17,8 +17,8 @@ after `--` are passed to `python -m avt_jax.main` on every worker. With --queued
 
 Every worker runs the same command; `jax.distributed.initialize()` finds the slice's workers from the TPU VM
 metadata. The workdir must be shared by all workers (a gs:// bucket; a local path is refused unless
---allow_local_workdir). The trainer resumes from the newest checkpoint in the workdir, so `watch` only has to
-bring the slice back and start the same command: it polls the slice state, and when the slice was preempted
+--allow_local_workdir, and must then be absolute: it is a path on the worker). The trainer resumes from the
+newest checkpoint in the workdir, so `watch` only has to bring the slice back and start the same command: it polls the slice state, and when the slice was preempted
 (node: PREEMPTED / TERMINATED; queued resource: SUSPENDED / FAILED) it deletes and recreates it, installs the
 project again and restarts training. It stops when <workdir>/final_metrics.json exists. The decision logic is
 the pure function `decide` (tested on state sequences).
@@ -181,6 +181,8 @@ def check_workdir(workdir: str, allow_local: bool) -> str:
   if not workdir.startswith("gs://") and not allow_local:
     raise LaunchError(f"--workdir={workdir!r}: every worker of a slice must see the same checkpoints; use a "
                       f"gs:// bucket (or --allow_local_workdir for a single-host slice)")
+  common.require_absolute(workdir, "--workdir", "a local workdir is a path on the worker, where a relative one "
+                          "would be taken from --remote_dir")
   return workdir.rstrip("/") if workdir.startswith("gs://") else workdir
 
 

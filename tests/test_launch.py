@@ -413,7 +413,40 @@ def test_slurm_single_gpu_errors_and_submission(tmp_path, capsys):
   assert rc == 0
   assert calls == [["mkdir", "-p", f"{tmp_path}/logs"], ["sbatch", str(script_path)]]
   assert script_path.read_text().startswith("#!/bin/bash\n#SBATCH --job-name=avt_jax")
-  assert not os.path.exists(str(script_path) + ".tmp")
+  # A second submission replaces the script whole (records.write_atomic): no temporary file is left beside it.
+  script_path.write_text("old script")
+  rc = gpu_cluster.main(SLURM + [f"--script={script_path}", f"--log_dir={tmp_path}/logs", "--job_name=second"],
+                        runner=lambda c, capture=False: subprocess.CompletedProcess(c, 0))
+  assert rc == 0 and "#SBATCH --job-name=second" in script_path.read_text()
+  assert os.listdir(script_path.parent) == ["job.sbatch"]
+
+
+def test_relative_workdirs(tmp_path, monkeypatch, capsys):
+  """slurm: a relative --workdir is taken from the directory sbatch runs in (the job starts in --repo_dir); ssh and
+  the TPU VM start the trainer on other machines, where it would mean another directory: refused, nothing run."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  for given, expected in (("runs/x", tmp_path / "runs" / "x"), ("~/runs/y", tmp_path / "home" / "runs" / "y")):
+    script, _ = _split_slurm(_dry(gpu_cluster, ["slurm", "--nodes=1", "--gpus_per_node=1", "--config=c.py",
+                                                f"--workdir={given}", "--requeue_until_done"]))
+    (srun,) = [shlex.split(line) for line in script.splitlines() if line.startswith("srun ")]
+    assert srun[-1] == f"--workdir={expected}"
+    (check,) = [line for line in script.splitlines() if line.startswith("if [")]
+    assert check.endswith(f" {shlex.quote(str(expected))}; then")  # the requeue check looks at the same place
+  script, _ = _split_slurm(_dry(gpu_cluster, ["slurm", "--nodes=1", "--config=c.py", "--workdir=gs://b/r"]))
+  assert "--workdir=gs://b/r" in script
+  assert gpu_cluster.main(["ssh", "--hosts=h0,h1", "--config=c.py", "--workdir=runs/x", "--dry_run"],
+                          runner=_no_runner, out=io.StringIO()) == 1
+  assert capsys.readouterr().err == ("error: --workdir='runs/x': expected an absolute path or a gs:// URL (each host "
+                                     "starts the trainer in --repo_dir, so a relative path would be taken from "
+                                     "there, not from this directory)\n")
+  out = io.StringIO()
+  assert tpu_vm.main(["run", "--name=avt", "--zone=z", "--config=c.py", "--workdir=runs/x", "--allow_local_workdir",
+                      "--dry_run"], runner=_no_runner, out=out) == 1
+  assert capsys.readouterr().err == ("error: --workdir='runs/x': expected an absolute path or a gs:// URL (a local "
+                                     "workdir is a path on the worker, where a relative one would be taken from "
+                                     "--remote_dir)\n")
+  assert out.getvalue() == "" and os.listdir(tmp_path) == []  # dry runs and refusals write nothing
 
 
 def test_ssh_launch_one_process_per_host(tmp_path):

@@ -3,12 +3,16 @@
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 
+from avt_jax import records
 from data import folds as folds_lib
 from launch import sweep as sweep_lib
 
@@ -17,14 +21,14 @@ SYNTH_FOLDS = os.path.join(REPO, "data", "folds", "avt_synth.json")
 SYNTH_SUBSETS = os.path.join(REPO, "data", "folds", "avt_synth_subsets.json")
 
 
-def _sweep_file(tmp_path, **fields):
+def _sweep_file(tmp_path, name="my_sweep.py", **fields):
   spec = dict(config="configs/finetune_synth.py:tiny",
               pretrain={"config": "configs/pretrain_synth.py:tiny", "overrides": {}},
               folds="data/folds/avt_synth.json", fold_names=["fold0", "fold1"],
               subsets="data/folds/avt_synth_subsets.json", fractions=[0.1, 1.0], seeds=[0, 1],
               inits=["pretrained", "scratch"], lrs=[1e-3, 3e-4], overrides={"total_steps": 4})
   spec.update(fields)
-  path = tmp_path / "my_sweep.py"
+  path = tmp_path / name
   path.write_text(textwrap.dedent(f"""
       import json
       def get_sweep():
@@ -155,6 +159,85 @@ def test_finished_runs_are_skipped_and_results_match_a_hand_computation(tmp_path
   assert "| 10% | **pretrained − scratch** | | 2 | +20.0 ± 0.0 | +21.0 ± 0.0 | +22.0 ± 0.0 |" in md
   assert md in "\n".join(lines) + "\n"
   assert os.path.exists(workdir / "plots" / "curves_frac010.png")
+  # Every file is written whole through records.write_atomic: no temporary files are left behind.
+  assert [p for p in workdir.rglob("*") if ".tmp" in p.name] == []
+
+
+def test_unreadable_result_files_are_reported_not_counted(tmp_path, monkeypatch):
+  """aggregate_only over a torn final_metrics.json and a torn launch.json: warnings name the files, the run is
+  'unreadable' and out of the table, and the run's files stay as they were."""
+  path = _sweep_file(tmp_path, fractions=[1.0], seeds=[0], lrs=[1e-3], fold_names=["fold0", "fold1"],
+                     inits=["scratch"])
+  workdir = tmp_path / "w"
+  sweep_lib.run_sweep(path, str(workdir), dry_run=True, log=lambda _: None)
+  good, torn = (workdir / "runs" / f"{fold}_frac100_seed0_scratch_lr1e-03" for fold in ("fold0", "fold1"))
+  _fake_result(good, 0.5, (0.4, 0.4, 0.4))
+  _fake_result(torn, 0.9, (0.9, 0.9, 0.9))
+  final = torn / "final_metrics.json"
+  final.write_text(final.read_text()[:20])
+  (good / "launch.json").write_text('{"rc": 0, "wall_s": ')
+  before = {p: p.read_bytes() for p in (workdir / "runs").rglob("*") if p.is_file()}
+  guard = _NoSubprocess(monkeypatch)
+  lines = []
+  stats = sweep_lib.run_sweep(path, str(workdir), aggregate_only=True, plots=False, log=lines.append)
+  assert guard.calls == []
+  warnings = [l for l in lines if l.startswith("warning:")]
+  assert warnings == [
+      f"warning: {good / 'launch.json'}:1: malformed launch record: Expecting value (line 1, column 21); no wall "
+      f"time for {good.name}",
+      f"warning: {final}:1: malformed final metrics file: Unterminated string starting at (line 1, column 13); "
+      f"{torn.name} is left out of the table"]
+  with open(workdir / "results.csv") as f:
+    status = {r["name"]: r["status"] for r in csv.DictReader(f)}
+  assert status == {good.name: "done", torn.name: "unreadable"}
+  (group,) = stats["table"]["groups"]
+  assert group["n"] == 1 and group["expected"] == 2 and group["metrics"]["test_accuracy"][0] == pytest.approx(0.4)
+  assert {p: p.read_bytes() for p in (workdir / "runs").rglob("*") if p.is_file()} == before
+
+
+def test_relative_paths_are_made_absolute_before_anything_is_written(tmp_path, monkeypatch):
+  """From another directory: --sweep and --workdir relative to it, data and init_from relative to the repository."""
+  guard = _NoSubprocess(monkeypatch)
+  monkeypatch.chdir(tmp_path)
+  _sweep_file(tmp_path, pretrain={"init_from": "sample/avt_synth"}, fractions=[1.0], seeds=[0], lrs=[1e-3],
+              fold_names=["fold0"], overrides={"total_steps": 4, "data.train": "sample/avt_synth",
+                                               "data.eval": "./sample/avt_synth", "data.test": "gs://b/x"})
+  lines = []
+  sweep_lib.run_sweep("my_sweep.py", "w", dry_run=True, log=lines.append)
+  assert guard.calls == [] and not os.path.exists(os.path.join(REPO, "w"))
+  synth = os.path.join(REPO, "sample", "avt_synth")
+  for init in ("pretrained", "scratch"):
+    run_dir = tmp_path / "w" / "runs" / f"fold0_frac100_seed0_{init}_lr1e-03"
+    o = json.loads((run_dir / "run.json").read_text())["overrides"]
+    assert o["data.train"] == o["data.eval"] == synth and o["data.test"] == "gs://b/x"
+    assert o["init_from"] == (synth if init == "pretrained" else "")
+    assert any(l.endswith(f"--workdir={run_dir}") for l in lines)
+  # A run started with the same relative data paths (their meaning then) is the same spec, not a changed one.
+  run_dir = tmp_path / "w" / "runs" / "fold0_frac100_seed0_scratch_lr1e-03"
+  spec = json.loads((run_dir / "run.json").read_text())
+  spec["overrides"].update({"data.train": "sample/avt_synth", "data.eval": "./sample/avt_synth"})
+  (run_dir / "run.json").write_text(json.dumps(spec))
+  (run_dir / "log.txt").write_text("started")
+  sweep_lib.run_sweep("my_sweep.py", "w", dry_run=True, log=lambda _: None)
+  assert json.loads((run_dir / "run.json").read_text())["overrides"]["data.train"] == synth
+  assert (run_dir / "log.txt").read_text() == "started"
+  # Mixtures and mappings: only their file paths change.
+  mix = [{"path": "sample/avt_synth", "weight": 2}, "tfds:x/train", "/abs", ""]
+  assert sweep_lib.absolute_overrides({"data.train": mix, "seed": "rel"}) == {
+      "data.train": [{"path": synth, "weight": 2}, "tfds:x/train", "/abs", ""], "seed": "rel"}
+
+
+def test_torn_run_spec_of_a_started_run_is_refused(tmp_path):
+  path = _sweep_file(tmp_path, fractions=[1.0], seeds=[0], lrs=[1e-3], fold_names=["fold0"], inits=["scratch"])
+  workdir = tmp_path / "w"
+  sweep_lib.run_sweep(path, str(workdir), dry_run=True, log=lambda _: None)
+  run_dir = workdir / "runs" / "fold0_frac100_seed0_scratch_lr1e-03"
+  (run_dir / "run.json").write_text('{"name": "fold0')
+  (run_dir / "log.txt").write_text("started")
+  with pytest.raises(sweep_lib.SweepError, match=rf"^{run_dir}/run.json:1: malformed run spec: .*cannot tell "
+                                                 "whether .* was started with this sweep's spec"):
+    sweep_lib.run_sweep(path, str(workdir), dry_run=True, log=lambda _: None)
+  assert (run_dir / "run.json").read_text() == '{"name": "fold0' and (run_dir / "log.txt").read_text() == "started"
 
 
 def test_aggregate_regression_and_missing_runs():
@@ -248,6 +331,82 @@ def test_end_to_end_mini_sweep(tmp_path, monkeypatch):
   assert "CCC arousal" in (workdir / "results.md").read_text()
   again = sweep_lib.run_sweep(path, str(workdir), plots=False, log=lambda _: None)
   assert again["launched"] == [] and len(again["skipped"]) == 2
+
+
+SCRATCH_RUNS = ("fold0_frac100_seed0_scratch_lr1e-03", "fold0_frac100_seed0_scratch_lr3e-04")
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+  """A finished two-run sweep (scratch, 2 steps each), run as `python -m launch.sweep` from a directory that is not
+  the repository, with the sweep file, the workdir and the data paths given relative (the latter to the repository).
+
+  Returns (directory the command ran in, sweep file, workdir, completed process).
+  """
+  cwd = tmp_path_factory.mktemp("elsewhere")
+  sweep = _sweep_file(cwd, pretrain=None, inits=["scratch"], fold_names=["fold0"], fractions=[1.0], seeds=[0],
+                      lrs=[1e-3, 3e-4], overrides={"total_steps": 2, "data.train": "sample/avt_synth",
+                                                   "data.eval": "sample/avt_synth", "data.test": "sample/avt_synth"})
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep", f"--sweep={os.path.basename(sweep)}", "--workdir=w"],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+  return cwd, sweep, cwd / "w", proc
+
+
+def test_sweep_command_with_relative_paths_from_another_directory(finished_sweep):
+  cwd, _, workdir, proc = finished_sweep
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert (f"2 runs launched, 0 skipped (finished before), 0 failed; results in {workdir / 'results.md'}"
+          in proc.stdout)
+  assert not os.path.exists(os.path.join(REPO, "w"))
+  synth = os.path.join(REPO, "sample", "avt_synth")
+  for name in SCRATCH_RUNS:
+    run_dir = workdir / "runs" / name
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert {spec["overrides"][f"data.{s}"] for s in ("train", "eval", "test")} == {synth}
+    assert json.loads((run_dir / "launch.json").read_text())["command"][-1] == f"--workdir={run_dir}"
+    assert (run_dir / "checkpoints").is_dir() and "test/accuracy" in json.loads((run_dir / "final_metrics.json")
+                                                                                .read_text())
+  # The in-process prediction pass (in the other directory) opened the same data as the trainer, for the run at
+  # the chosen rate.
+  assert "no predictions" not in proc.stdout and "plots failed" not in proc.stdout
+  (predictions,) = [p for name in SCRATCH_RUNS for p in [workdir / "runs" / name / "predictions.npz"] if p.exists()]
+  with np.load(predictions) as z:
+    assert z["output"].shape[1] == 6 and len(z["label"]) == len(z["output"]) > 0
+  assert (workdir / "plots" / "confusion_frac100.png").exists()
+  with open(workdir / "results.csv") as f:
+    assert [r["status"] for r in csv.DictReader(f)] == ["done", "done"]
+
+
+def test_torn_final_metrics_reruns_only_that_run(finished_sweep, tmp_path, monkeypatch):
+  """A run whose final_metrics.json does not parse is not done: one warning names the file, the trainer runs again
+  and resumes from the run's checkpoints; the other run's files are left byte for byte."""
+  _, sweep, finished, proc = finished_sweep
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # As the first time.
+  workdir = tmp_path / "w"
+  shutil.copytree(finished, workdir)
+  torn, kept = (workdir / "runs" / name for name in SCRATCH_RUNS)
+  final = torn / "final_metrics.json"
+  original = json.loads(final.read_text())
+  final.write_text(final.read_text()[:30])
+  log_before = (torn / "log.txt").read_text()
+  before = {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+  lines = []
+  stats = sweep_lib.run_sweep(sweep, str(workdir), plots=False, log=lines.append)
+  assert stats["launched"] == [torn.name] and stats["skipped"] == [kept.name] and stats["failed"] == []
+  (warning,) = [l for l in lines if "warning" in l.lower()]
+  assert re.fullmatch(rf"warning: {re.escape(str(final))}:\d+: malformed final metrics file: .+ \(line \d+, column "
+                      rf"\d+\); {torn.name} is not done and runs again \(the trainer resumes from its checkpoints\)",
+                      warning), warning
+  assert re.search(rf"resum\w* from {re.escape(str(torn / 'checkpoints'))} at step 2",
+                   (torn / "log.txt").read_text()[len(log_before):])
+  again = records.read_json(final)
+  assert again["best/step"] == original["best/step"]
+  assert again["test/accuracy"] == pytest.approx(original["test/accuracy"], abs=1e-6)
+  assert {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
+  with open(workdir / "results.csv") as f:
+    assert [r["status"] for r in csv.DictReader(f)] == ["done", "done"]
 
 
 def test_real_dataset_sweeps_expand_on_their_folds(tmp_path, monkeypatch):
