@@ -30,7 +30,6 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
-from array_record.python import array_record_module
 from flax import serialization
 import grain
 import msgpack
@@ -152,19 +151,13 @@ def _small_fields(data: bytes, where: str) -> dict[str, Any]:
 
 
 def _scan_shard(path: str) -> list[dict[str, Any]]:
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
+  with records.shard_reader(path) as reader:
     return [_small_fields(reader.read(), f"{path}[{i}]") for i in range(reader.num_records())]
-  finally:
-    reader.close()
 
 
 def _clip_id_at(path: str, position: int) -> str:
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
+  with records.shard_reader(path) as reader:
     return _small_fields(reader.read([position])[0], f"{path}[{position}]")["clip_id"]
-  finally:
-    reader.close()
 
 
 def read_metadata(directory: str, info: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -180,7 +173,7 @@ def read_metadata(directory: str, info: Mapping[str, Any] | None = None) -> list
   info = info if info is not None else records.load_dataset_info(directory)
   paths = records.shard_paths(directory, info)
   names = list(info["shards"])
-  counts = [_num_records(p) for p in paths]
+  counts = [records.num_records(p) for p in paths]
   manifest = [r for r in read_manifest(directory) if r.get("status", "ok") == "ok"]
 
   if len(manifest) == sum(counts) and all("clip_id" in r for r in manifest):
@@ -201,14 +194,6 @@ def read_metadata(directory: str, info: Mapping[str, Any] | None = None) -> list
     for i, row in enumerate(_scan_shard(path)):
       rows.append({**by_id.get(row["clip_id"], {}), **row, "shard": name, "position": i})
   return rows
-
-
-def _num_records(path: str) -> int:
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return reader.num_records()
-  finally:
-    reader.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +269,7 @@ class ClipSource:
     self.info = records.load_dataset_info(directory)
     self.geometry = Geometry.from_info(self.info, os.path.join(directory, records.DATASET_INFO))
     self.paths = records.shard_paths(directory, self.info)
-    counts = [_num_records(p) for p in self.paths]
+    counts = [records.num_records(p) for p in self.paths]
     if "num_clips" in self.info and int(self.info["num_clips"]) != sum(counts):
       raise records.RecordError(f"{directory}: dataset_info.json says num_clips={self.info['num_clips']} but the "
                                 f"shards hold {sum(counts)} records ({dict(zip(self.info['shards'], counts))})")

@@ -53,7 +53,7 @@ from data import face as face_lib
 from data import logmel as logmel_lib
 from data import media as media_lib
 
-CREMA_D_CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+CREMA_D_CLASSES = config_lib.CREMA_D_CLASSES
 MSP_IMPROV_CLASSES = ("A", "H", "S", "N")  # data.prepare's MSP-IMPROV labels 0..3
 DATASET_CLASSES = {"crema_d": CREMA_D_CLASSES, "msp_improv": MSP_IMPROV_CLASSES}
 
@@ -78,12 +78,6 @@ def clip_error_message(e: media_lib.ClipError) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Run, data info and extraction parameters.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def absolute(path: str) -> str:
-  """`path` made absolute against the current directory (Orbax refuses relative checkpoint paths); '' and
-  remote paths (gs://...) are kept as they are."""
-  return path if not path or "://" in path else os.path.abspath(path)
 
 
 def _finetune_hint(workdir) -> str:
@@ -277,10 +271,10 @@ class Predictor:
     from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from avt_jax import checkpointing, input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
 
-    self.workdir = workdir = absolute(workdir)
+    self.workdir = workdir = config_lib.absolute_path(workdir)
     self.config = config = load_run_config(workdir)
     self.params_dir = checkpoint_dir(workdir)  # before any slow work: a run without a checkpoint fails at once
-    self.info = load_training_info(config, absolute(dataset_info))
+    self.info = load_training_info(config, config_lib.absolute_path(dataset_info))
     self.extract_config = extract_config_from_info(self.info)
     if window_tokens < 0 or hop_tokens < 0:
       raise PredictError(f"--window_tokens={window_tokens} and --hop_tokens={hop_tokens} must be >= 1 (0: default)")
@@ -479,7 +473,7 @@ def run(workdir: str, video: str, *, output: str = "", timeline: str = "", windo
   """Predicts every video; returns (the JSON document, exit status: 0, or 1 if any video failed)."""
   err = err or sys.stderr
   # Every path is made absolute once, here, so relative arguments work from any directory.
-  workdir, video, output, timeline, dataset_info = map(absolute, (workdir, video, output, timeline, dataset_info))
+  workdir, video, output, timeline, dataset_info = map(config_lib.absolute_path, (workdir, video, output, timeline, dataset_info))
   videos = list_videos(video)
   predictor = Predictor(workdir, window_tokens=window_tokens, hop_tokens=hop_tokens, dataset_info=dataset_info,
                         batch_size=batch_size)

@@ -6,10 +6,11 @@ per ArrayRecord entry. This module is the single place that knows the byte forma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from array_record.python import array_record_module
@@ -120,12 +121,44 @@ def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> int:
   return n
 
 
-def read_shard(path: str) -> list[dict[str, Any]]:
-  reader = array_record_module.ArrayRecordReader(path)
+def _shard_error(path: str, e: BaseException) -> RecordError:
+  return RecordError(f"{path}: not a readable ArrayRecord shard, truncated or corrupted? "
+                     f"({type(e).__name__}: {' '.join(str(e).split())[:300]})")
+
+
+@contextlib.contextmanager
+def shard_reader(path: str) -> Iterator[Any]:
+  """An ArrayRecord reader of `path`. The C++ reader raises bare RuntimeErrors (at open, read or close) on a
+  truncated or corrupted shard; they become RecordErrors naming the file. RecordErrors pass unchanged."""
   try:
-    return [decode(b, f"{path}[{i}]") for i, b in enumerate(reader.read_all())]
+    reader = array_record_module.ArrayRecordReader(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _shard_error(path, e) from e
+  failed = True
+  try:
+    yield reader
+    failed = False
+  except RecordError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise _shard_error(path, e) from e
   finally:
-    reader.close()
+    try:
+      reader.close()  # A truncated shard can read as empty and fail only here.
+    except Exception as e:  # pylint: disable=broad-except
+      if not failed:
+        raise _shard_error(path, e) from e
+
+
+def num_records(path: str) -> int:
+  with shard_reader(path) as reader:
+    return reader.num_records()
+
+
+def read_shard(path: str) -> list[dict[str, Any]]:
+  with shard_reader(path) as reader:
+    data = reader.read_all()
+  return [decode(b, f"{path}[{i}]") for i, b in enumerate(data)]
 
 
 def load_dataset_info(directory: str) -> dict[str, Any]:

@@ -536,3 +536,60 @@ def test_face_target_is_the_quantity_of_the_dataset_statistics():
   frames = np.random.default_rng(4).integers(0, 256, size=(6 * 5, 64, 64, 3), dtype=np.uint8)
   np.testing.assert_allclose(ip.face_target(frames.reshape(6, 5, 64, 64, 3), 8),
                              extract.visual_targets(frames, 5, 8), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Damaged inputs: every error names the file (and the record or line where known); nothing is changed.
+
+
+def _copy_dataset(src, dst) -> str:
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_truncated_shard_is_named_when_the_dataset_is_opened(raw_dir, tmp_path):
+  root = _copy_dataset(raw_dir, tmp_path / "truncated")
+  shard = os.path.join(root, "shards", "clips-00001-of-00002.array_record")
+  with open(shard, "r+b") as f:
+    f.truncate(os.path.getsize(shard) // 2)
+  before = open(shard, "rb").read()
+  with pytest.raises(records.RecordError) as e:
+    ip.open_sources(root)
+  assert str(e.value).startswith(f"{shard}: not a readable ArrayRecord shard, truncated or corrupted?")
+  with pytest.raises(records.RecordError, match=f"^{shard}: not a readable ArrayRecord shard"):
+    records.read_shard(shard)
+  assert open(shard, "rb").read() == before
+
+
+def test_corrupted_record_is_named_with_its_index(raw_dir, tmp_path):
+  root = _copy_dataset(raw_dir, tmp_path / "corrupted")
+  shard = os.path.join(root, "shards", "clips-00000-of-00002.array_record")
+  good = records.read_shard(shard)
+  writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
+  for i, ex in enumerate(good):
+    writer.write(b"\xc1 not a clip" if i == 2 else records.encode(ex))
+  writer.close()
+  source = ip.open_sources(root)[0][0]
+  source[1]  # pylint: disable=pointless-statement
+  with pytest.raises(records.RecordError, match=rf"^{shard}\[2\]: record is not a valid msgpack clip record"):
+    source[2]  # pylint: disable=pointless-statement
+
+
+def test_malformed_dataset_info_and_manifest_name_path_and_line(raw_dir, tmp_path):
+  root = _copy_dataset(raw_dir, tmp_path / "bad_info")
+  info = os.path.join(root, records.DATASET_INFO)
+  text = open(info).read()
+  with open(info, "w") as f:
+    f.write(text[:len(text) // 2])  # cut by a crash mid-write
+  with pytest.raises(records.RecordError, match=rf"^{info}:1: malformed dataset description"):
+    ip.open_sources(root)
+  with open(info, "w") as f:
+    f.write(text)
+  manifest = os.path.join(root, ip.MANIFEST)
+  lines = open(manifest).read().splitlines()
+  lines[3] = lines[3][:10]
+  with open(manifest, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with pytest.raises(records.RecordError, match=rf"^{manifest}:4: "):
+    ip.open_sources({"path": root, "where": {"speaker": ["s0"]}})

@@ -396,3 +396,32 @@ def test_failed_save_on_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
     assert "6" in os.listdir(os.path.join(wd, "checkpoints"))
   finally:
     subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+def test_eval_and_test_data_are_checked_before_the_first_step(tmp_path):
+  config = config_lib.base_config("pretrain")
+  config.data.eval = config_lib.SYNTH + "/pretrain"  # precomputed features: does not fit the raw sample
+  _, geometry = input_pipeline.open_sources(config.data.train)
+  with pytest.raises(ValueError) as e:
+    train.open_eval_sources(config, geometry)
+  assert str(e.value).startswith(f"data.eval ({config_lib.SYNTH}/pretrain) does not fit data.train "
+                                 f"({config_lib.SAMPLE}): kind: raw (data.train) vs features")
+  # A test split whose shard is truncated is named now, not after training.
+  broken = str(tmp_path / "broken")
+  shutil.copytree(config_lib.SAMPLE, broken)
+  shard = _largest_file(os.path.join(broken, "shards"))
+  _truncate(shard)
+  config.data.eval, config.data.test = config_lib.SAMPLE, broken
+  with pytest.raises(train.records.RecordError, match=f"^{shard}: not a readable ArrayRecord shard"):
+    train.open_eval_sources(config, geometry)
+
+
+def test_malformed_best_record_names_the_file(tmp_path):
+  best = tmp_path / "best"
+  best.mkdir()
+  (best / "best.json").write_text('{"step": 20, "metric": "accuracy", "value": 0.5, "metr')
+  with pytest.raises(train.records.RecordError, match=rf"^{best}/best.json:1: malformed best-checkpoint record"):
+    train.BestCheckpoint(str(tmp_path), "accuracy", "max")
+  (best / "best.json").write_text('{"step": 20}')
+  with pytest.raises(train.records.RecordError, match=rf"^{best}/best.json: expected"):
+    train.BestCheckpoint(str(tmp_path), "accuracy", "max")
