@@ -75,8 +75,12 @@ def main(argv):
           records.RecordError, ValueError, FileNotFoundError, KeyError) as e:
     # The traceback goes to the log; the cause is the last line a user sees.
     logging.error("the run stopped", exc_info=True)
+    logging.flush()
     print(f"avt_jax.main: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.stdout.flush()
+    # Everything the run keeps is closed by now; skipping interpreter shutdown keeps the checkpointing library's
+    # background threads (still failing on a full disk, say) from printing after the cause.
+    os._exit(1)  # pylint: disable=protected-access
   logging.info("finished: %s", json.dumps(result, default=float))
   print(json.dumps(result, default=float))
 

@@ -640,11 +640,14 @@ def _final_metrics(wd: epath.Path, result: Mapping[str, Any]) -> None:
     records.write_atomic(wd / "final_metrics.json", json.dumps(dict(result), indent=2, default=float))
 
 
-def _last_good(saver: checkpointing.SaveMonitor | None, manager) -> str:
-  step = saver.last_committed if saver is not None else manager.latest_step()
-  if step is None:
-    return f"no checkpoint has been saved yet in {manager.directory}"
-  return f"the last good checkpoint (step {step}) is kept in {manager.directory}"
+def _last_good(saver: checkpointing.SaveMonitor, manager) -> str:
+  try:
+    saver.check(wait=True)  # A save still in flight counts once it has committed.
+  except checkpointing.CheckpointError as e:
+    logging.warning("%s", e)
+  if saver.last_committed is None:
+    return f"No checkpoint has been saved yet in {manager.directory}."
+  return f"The last good checkpoint (step {saver.last_committed}) is kept in {manager.directory}."
 
 
 class Progress:
