@@ -71,8 +71,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     raise
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-  """Parses a small JSON state file; a missing or malformed one raises RecordError naming the path and the line."""
+def read_json(path: str | os.PathLike, what: str = "JSON file", object_only: bool = False) -> Any:
+  """Parses a small JSON state file; a missing or malformed one raises RecordError naming the path and the line.
+
+  With object_only, anything but a JSON object is malformed too.
+  """
   path = os.fspath(path)
   try:
     if "://" in path:
@@ -86,9 +89,12 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
   except UnicodeDecodeError as e:
     raise RecordError(f"{path}: {what} is not UTF-8 text ({e})") from e
   try:
-    return json.loads(text)
+    data = json.loads(text)
   except json.JSONDecodeError as e:
     raise RecordError(f"{path}:{e.lineno}: malformed {what}: {e.msg} (line {e.lineno}, column {e.colno})") from e
+  if object_only and not isinstance(data, dict):
+    raise RecordError(f"{path}:1: malformed {what}: expected a JSON object, got {type(data).__name__}")
+  return data
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[Any]:

@@ -144,12 +144,9 @@ def _read_json(path: str, what: str, missing_hint: str) -> Any:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{what} {path} not found ({missing_hint})")
   try:
-    data = records.read_json(path, what=what)
+    return records.read_json(path, what=what, object_only=True)
   except records.RecordError as e:
     raise FoldsError(str(e)) from None
-  if not isinstance(data, dict):
-    raise FoldsError(f"{path}:1: malformed {what}: expected a JSON object, got {type(data).__name__}")
-  return data
 
 
 def load_folds(path: str) -> dict[str, Any]:

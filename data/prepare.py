@@ -515,12 +515,9 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
 def _read_state(path: str, what: str) -> Any:
   """A JSON state file of the output directory; a malformed one is an error naming its path and line."""
   try:
-    data = records.read_json(path, what=what)
+    return records.read_json(path, what=what, object_only=True)
   except records.RecordError as e:
     raise PrepareError(str(e)) from None
-  if not isinstance(data, dict):
-    raise PrepareError(f"{path}:1: malformed {what}: expected a JSON object, got {type(data).__name__}")
-  return data
 
 
 def _run_all(args: list, options: PrepareOptions, writer: _Writer) -> None:
