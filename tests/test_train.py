@@ -201,6 +201,19 @@ def test_finetune_from_pretraining_run_logs_classification_metrics(uninterrupted
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert any(r["split"] == "eval" and "accuracy" in r for r in rows)
 
+  # Evaluation only: init_from's selected checkpoint on the same splits gives the same numbers, in
+  # final_metrics.json of the evaluation workdir.
+  wd_eval = str(tmp_path / "eval")
+  proc = subprocess.run(
+      [sys.executable, "-m", "avt_jax.main", f"--config={REPO}/configs/finetune_cremad.py:tiny",
+       f"--config.compilation_cache_dir={CACHE}", "--config.mode=eval", f"--config.init_from={wd}",
+       f"--workdir={wd_eval}"], env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  evaluated = json.load(open(os.path.join(wd_eval, "final_metrics.json")))
+  assert evaluated["eval/accuracy"] == pytest.approx(final["best/validation/accuracy"], abs=1e-6)
+  assert evaluated["test/accuracy"] == pytest.approx(final["test/accuracy"], abs=1e-6)
+  assert not os.path.exists(os.path.join(wd_eval, "checkpoints"))
+
 
 def test_finetune_regression_from_pretraining_run_logs_ccc(uninterrupted, tmp_path):
   wd = str(tmp_path / "ft_msp")
@@ -212,6 +225,8 @@ def test_finetune_regression_from_pretraining_run_logs_ccc(uninterrupted, tmp_pa
   final = json.load(open(os.path.join(wd, "final_metrics.json")))
   for key in ("test/ccc_arousal", "test/ccc_valence", "test/ccc_mean", "eval/ccc_arousal"):
     assert key in final and np.isfinite(final[key]) and -1.0 <= final[key] <= 1.0
+  # Clips, not target values (2 attributes per clip): the sample's four rated CREMA-D clips.
+  assert final["eval/clips"] == final["test/clips"] == 4.0
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
