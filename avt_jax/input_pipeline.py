@@ -117,15 +117,7 @@ def read_manifest(directory: str) -> list[dict[str, Any]]:
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
     return []
-  rows = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise records.RecordError(f"{path}:{n}: not a JSON object ({e})") from e
-  return rows
+  return records.read_jsonl(path, what="manifest")
 
 
 def _small_fields(data: bytes, where: str) -> dict[str, Any]:

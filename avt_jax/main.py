@@ -61,15 +61,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _should_initialize_distributed():
     initialize_distributed()
-  from avt_jax import checkpointing, config_lib, records, train  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, records, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   workdir = FLAGS.workdir or config.get("workdir")
   if not workdir:
     raise app.UsageError("give --workdir (or set config.workdir)")
-  # Relative paths are resolved here, against the directory the command runs in, before anything is written.
-  workdir = config_lib.absolute_path(workdir)
-  config_lib.make_paths_absolute(config)
-  try:
+  try:  # train.run resolves relative paths against the current directory before anything is written.
     result = train.run(config, workdir)
   except (train.TrainingError, checkpointing.CheckpointError, checkpointing.CheckpointMismatchError,
           records.RecordError, ValueError, FileNotFoundError, KeyError) as e:

@@ -150,7 +150,7 @@ def check_resume(config, saved: Mapping[str, Any], saved_path: str, stored_proce
   changed, refused = [], []
   for field in sorted(set(now) | set(before)):
     a, b = before.get(field, "<absent>"), now.get(field, "<absent>")
-    if a == b or (isinstance(a, list) and isinstance(b, list) and a == b):
+    if a == b:
       continue
     line = f"{field}: {a!r} in {saved_path}, {b!r} now"
     (changed if _covered(field, RESUME_SAFE + allowed) else refused).append(line)
@@ -616,7 +616,7 @@ def setup_compilation_cache(config, workdir: str) -> None:
   del workdir
 
 
-def open_eval_sources(config, geometry: input_pipeline.Geometry) -> None:
+def open_eval_sources(config, train_sources, geometry: input_pipeline.Geometry) -> None:
   """Opens data.eval and data.test before the first step: every source is read, and fits the training data."""
   for split in ("eval", "test"):
     spec = data_spec(config, split)
@@ -627,7 +627,7 @@ def open_eval_sources(config, geometry: input_pipeline.Geometry) -> None:
       diff = [f"{f.name}: {getattr(geometry, f.name)} (data.train) vs {getattr(g, f.name)}"
               for f in dataclasses.fields(g) if getattr(geometry, f.name) != getattr(g, f.name)]
       raise ValueError(f"data.{split} ({', '.join(s.name for s in sources)}) does not fit data.train "
-                       f"({', '.join(s.name for s in input_pipeline.open_sources(data_spec(config, 'train'))[0])}): "
+                       f"({', '.join(s.name for s in train_sources)}): "
                        + "; ".join(diff))
     for source in sources:
       if not len(source):
@@ -655,7 +655,6 @@ class Progress:
 
   def __init__(self, total_steps: int, start: int):
     self.total, self.first = total_steps, start + 1
-    self.t_first = None
     self.steps_timed = 0
     self.seconds = 0.0
 
@@ -693,9 +692,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        f"(data x fsdp = {shards})")
 
   # --- Input: every split is opened and checked before anything is compiled or written.
-  _, geometry = input_pipeline.open_sources(data_spec(config, "train"))
+  train_sources, geometry = input_pipeline.open_sources(data_spec(config, "train"))
   fill_model_config(config, geometry)
-  open_eval_sources(config, geometry)
+  open_eval_sources(config, train_sources, geometry)
   dummy = input_pipeline.dummy_batch(geometry, config.batch_size, config.data.max_tokens)
   dummy = {k: jnp.asarray(v) for k, v in dummy.items()}
 

@@ -418,9 +418,9 @@ def test_failed_save_on_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
 def test_eval_and_test_data_are_checked_before_the_first_step(tmp_path):
   config = config_lib.base_config("pretrain")
   config.data.eval = config_lib.SYNTH + "/pretrain"  # precomputed features: does not fit the raw sample
-  _, geometry = input_pipeline.open_sources(config.data.train)
+  train_sources, geometry = input_pipeline.open_sources(config.data.train)
   with pytest.raises(ValueError) as e:
-    train.open_eval_sources(config, geometry)
+    train.open_eval_sources(config, train_sources, geometry)
   assert str(e.value).startswith(f"data.eval ({config_lib.SYNTH}/pretrain) does not fit data.train "
                                  f"({config_lib.SAMPLE}): kind: raw (data.train) vs features")
   # A test split whose shard is truncated is named now, not after training.
@@ -430,7 +430,7 @@ def test_eval_and_test_data_are_checked_before_the_first_step(tmp_path):
   _truncate(shard)
   config.data.eval, config.data.test = config_lib.SAMPLE, broken
   with pytest.raises(train.records.RecordError, match=f"^{shard}: not a readable ArrayRecord shard"):
-    train.open_eval_sources(config, geometry)
+    train.open_eval_sources(config, train_sources, geometry)
 
 
 def test_malformed_best_record_names_the_file(tmp_path):
