@@ -9,7 +9,7 @@ reconstruction, BERT-Adam update, sharded with the default rules on the given me
 synthetic batch that lives on the devices (random precomputed features of the paper's widths, 512-d audio and 17
 action units, T=100 tokens). The table gives the compile time, the median step time over `--steps` steps (after
 `--warmup` steps, each step waited for with block_until_ready), clips per second, the achieved model TFLOP/s per
-device, MFU (model FLOP/s over the peak of all devices; peak from `summary.PEAK_FLOPS` by device kind or
+device, MFU (model FLOP/s over the peak of all devices; peak from `costs.PEAK_FLOPS` by device kind or
 `--peak_flops`), and memory per device.
 
 Model FLOPs are counted analytically by `model_flops_per_clip` (matrix multiplications only: projections,
@@ -39,9 +39,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import linen as nn
 
-from avt_jax import config_lib, input_pipeline, sharding, summary, train
+from avt_jax import config_lib, costs, input_pipeline, sharding, train
+from avt_jax import setup as setup_lib
 from avt_jax.models import avt
 
 GIB = 1024 ** 3
@@ -146,9 +146,10 @@ def synthetic_batch(key: jax.Array, config, shardings: Mapping[str, Any]) -> dic
     lengths = jax.random.randint(kl, (b,), (t + 1) // 2, t + 1)
     mask = jnp.arange(t)[None, :] < lengths[:, None]
     audio, visual = audio * mask[..., None], visual * mask[..., None]
-    return {"audio": audio, "visual": visual, "mask": mask, "audio_target": audio, "visual_target": visual,
+    full = {"audio": audio, "visual": visual, "mask": mask, "audio_target": audio, "visual_target": visual,
             "label": jnp.zeros((b,), jnp.int32), "targets": jnp.zeros((b, 3), jnp.float32),
             "weight": jnp.ones((b,), jnp.float32)}
+    return {k: full[k] for k in shardings}  # the keys the task reads
 
   return jax.jit(make, out_shardings=dict(shardings))(key)
 
@@ -158,46 +159,36 @@ class Step:
 
   def __init__(self, config, devices: Sequence[jax.Device] | None = None):
     self.config = config
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.rules_from_config(config.mesh.get("rules"))
-    self.model = train.build_model(config)
-    dummy = input_pipeline.dummy_batch(_geometry(config), config.batch_size, config.data.max_tokens)
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      self.abstract_state, self.state_shardings, self._init, tx, schedule = train.create_state(
-          config, self.model, dummy, self.mesh, self.rules)
-    repl = sharding.replicated(self.mesh)
-    self.batch_shardings = {k: sharding.batch_sharding(self.mesh) for k in dummy}
-    self._jitted = jax.jit(train.make_train_step(config, self.model, tx, schedule),
-                           in_shardings=(self.state_shardings, self.batch_shardings, repl),
-                           out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-    self._abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
-                            for k, v in dummy.items()}
+    self.setup = setup_lib.build(config, _geometry(config), devices=devices)
+    self.mesh, self.rules = self.setup.mesh, self.setup.rules
+    self.abstract_state, self.state_shardings = self.setup.abstract_state, self.setup.state_shardings
+    self.batch_shardings = self.setup.batch_shardings
+    self._jitted = train.jit_train_step(self.setup)
     self.compiled = None
     self.compile_s = 0.0
 
   def lower(self):
     """The traced and lowered step (XLA's cost analysis of the unoptimised program is available from it)."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self._jitted.lower(self.abstract_state, self._abstract_batch, jax.random.key(0))
+    with self.setup.scope():
+      return self._jitted.lower(self.abstract_state, self.setup.abstract_batch, jax.random.key(0))
 
   def compile(self):
     """Compiles the step (compile_s: tracing, lowering and XLA compilation)."""
     t0 = time.perf_counter()
     lowered = self.lower()
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with self.setup.scope():
       self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - t0
     return self.compiled
 
   def init_state(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self._init()
+    return self.setup.init()
 
   def batch(self, seed: int = 0):
     return synthetic_batch(jax.random.key(seed), self.config, self.batch_shardings)
 
   def __call__(self, state, batch, rng):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with self.setup.scope():
       return self.compiled(state, batch, rng)
 
 
@@ -270,7 +261,7 @@ def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: flo
   compiled = step.compile()
   res.compile_s = step.compile_s
   res.mem_gib = memory_estimate(compiled) / GIB
-  xla = summary.compiled_flops(compiled) * res.devices  # cost analysis is of the per-device program
+  xla = costs.compiled_flops(compiled) * res.devices  # cost analysis is of the per-device program
   res.xla_over_model = xla / (res.model_flops_per_clip * config.batch_size) if xla else float("nan")
   if compile_only:
     return res
@@ -290,7 +281,7 @@ def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: flo
   res.clips_per_s = config.batch_size / (res.step_ms / 1e3)
   achieved = res.model_flops_per_clip * res.clips_per_s                # model FLOP/s over all devices
   res.tflops_per_device = achieved / res.devices / 1e12
-  peak = summary.peak_flops(peak_flops)
+  peak = costs.peak_flops(peak_flops)
   res.mfu = achieved / (peak * res.devices) if peak else float("nan")
   res.peak_gib = device_peak_bytes(step.mesh.local_devices) / GIB
   return res
@@ -413,7 +404,7 @@ def main(argv):
   audio_dim, visual_dim = (int(x) for x in f.features)
   mesh = parse_mesh(f.mesh)
   print(_device_line(), flush=True)
-  peak = summary.peak_flops(f.peak_flops)
+  peak = costs.peak_flops(f.peak_flops)
   print(f"peak {peak / 1e12:.0f} TFLOP/s per device" if peak else "peak FLOP/s unknown for this device: MFU not "
         "shown (give --peak_flops)", flush=True)
   results = []

@@ -4,6 +4,7 @@ Layout of a run directory (a local path or any path Orbax/etils understands, e.g
   <workdir>/checkpoints/<step>/state       train state {step, params, opt_state}
   <workdir>/checkpoints/<step>/data_iter   Grain iterator state (per process)
   <workdir>/config.json                    the run's full config (model config included)
+  <workdir>/best/checkpoints/<step>/state  parameters of the step selected on validation, with best/best.json
 
 `init_from` accepts a run directory, its `checkpoints/` folder, or one `checkpoints/<step>` folder, and restores
 only `params/encoder` onto whatever shardings the new run asks for.
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import json
 import logging as logging_std
+import math
 import os
 import re
 from typing import Any, Callable, Mapping
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -184,7 +187,7 @@ def save_pretrained(directory: str, params: Mapping[str, Any], config: Mapping[s
   save(manager, step, state, force=True)
   manager.wait_until_finished()
   manager.close()
-  (d / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
+  records.write_atomic(d / "config.json", json.dumps(dict(config), indent=2, default=str))
   return os.fspath(d)
 
 
@@ -335,3 +338,89 @@ class SaveMonitor:
     except Exception as e:  # pylint: disable=broad-except
       self._fail(step, self._log.cause or _reason(e))
     self.pending = step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checkpoint selected on validation: <workdir>/best.
+
+
+class BestCheckpoint:
+  """Keeps the parameters of the best validation result in <workdir>/best (with best.json)."""
+
+  def __init__(self, workdir: str, metric: str, mode: str):
+    self.metric, self.mode = metric, mode
+    self.dir = epath.Path(workdir) / "best"
+    self.record = self.dir / "best.json"
+    self.step, self.value, self.metrics = None, None, {}
+    if self.record.exists():
+      saved = records.read_json(self.record, "best-checkpoint record")
+      try:
+        self.step, self.value, self.metrics = int(saved["step"]), float(saved["value"]), dict(saved["metrics"])
+      except (KeyError, TypeError, ValueError) as e:
+        raise records.RecordError(f"{self.record}: expected {{'step': int, 'value': float, 'metrics': {{...}}}}, "
+                                  f"got {json.dumps(saved)[:200]} ({type(e).__name__}: {e})") from e
+
+  def verify(self, abstract_params) -> None:
+    """Checks that best/ holds the step best.json names and that it restores; a damaged one is moved aside.
+
+    A save interrupted between the checkpoint and best.json, or a truncated file, leaves best/ unusable: it is
+    renamed to best.damaged (kept) and the next validation result starts a new best.
+    """
+    if not self.dir.exists():
+      return
+    root = self.dir / "checkpoints"
+    steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit()) if root.exists() else []
+    reason = None
+    if self.step is None:
+      reason = "best.json is missing" if steps else None
+    elif steps != [self.step]:
+      reason = f"best.json names step {self.step} but the directory holds steps {steps}"
+    else:
+      try:
+        check_params_fit(root / str(self.step) / STATE, abstract_params)
+        self.restore(abstract_params)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any read failure: unusable)
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    if reason is None:
+      return
+    moved = move_aside(self.dir) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("avt_jax_moved_damaged_best")
+    logging.warning("%s is damaged (%s); moved it to %s: the next validation result starts a new best",
+                    self.dir, reason, moved)
+    self.step, self.value, self.metrics = None, None, {}
+
+  def _better(self, value: float) -> bool:
+    if not math.isfinite(value):
+      return False
+    if self.value is None:
+      return True
+    return value > self.value if self.mode == "max" else value < self.value
+
+  def update(self, step: int, metrics_: Mapping[str, float], params) -> bool:
+    if self.metric not in metrics_:
+      raise KeyError(f"select_metric {self.metric!r} is not among the validation metrics {sorted(metrics_)}")
+    value = float(metrics_[self.metric])
+    if not self._better(value):
+      return False
+    manager = make_manager(os.fspath(self.dir), keep=1, async_save=False, with_data_iter=False)
+    save(manager, step, {"step": jnp.asarray(step, jnp.int32), "params": params}, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    self.step, self.value, self.metrics = step, value, dict(metrics_)
+    if jax.process_index() == 0:
+      records.write_atomic(self.record, json.dumps({"step": step, "metric": self.metric, "mode": self.mode,
+                                                    "value": value, "metrics": self.metrics}, indent=2))
+    return True
+
+  def restore(self, abstract_params):
+    return restore_params(os.fspath(self.dir), abstract_params)
+
+  def summary(self) -> dict[str, Any]:
+    if self.step is None:
+      return {}
+    out = {"best/step": self.step, f"best/{self.metric}": self.value}
+    out.update({f"best/validation/{k}": v for k, v in self.metrics.items()})
+    return out

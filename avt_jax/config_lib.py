@@ -13,7 +13,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "sample", "prepared")
 # The synthetic audio-visual benchmark (written by `python -m data.synth`, see README).
 SYNTH = os.path.join(REPO, "sample", "avt_synth")
-CREMA_D_CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
 
 
 def from_json(value: Any) -> Any:
@@ -74,6 +73,22 @@ def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
             data[split] = _absolute_spec(data[split])
 
 
+def data_spec(config: ml_collections.ConfigDict, split: str):
+  """The dataset spec of config.data.<split>, with config.data.<split>_filter (a mapping) applied to a path.
+
+  Paths stay plain strings in configs (so --config.data.train=<dir> works); filters such as
+  {"where": {"speaker": [...]}} or {"clip_ids": [...]} live in <split>_filter. A list (mixture) is used as is.
+  None when the split is empty.
+  """
+  spec = config.data.get(split)
+  if not spec:
+    return None
+  flt = config.data.get(f"{split}_filter")
+  if isinstance(spec, str) and flt:
+    return {"path": spec, **(flt.to_dict() if hasattr(flt, "to_dict") else dict(flt))}
+  return spec.to_dict() if hasattr(spec, "to_dict") else spec
+
+
 def use_data(c: ml_collections.ConfigDict, path: str, data_filter: dict | None = None) -> None:
   """Trains, validates and tests on one prepared directory (the same `data_filter` on every split)."""
   for split in DATA_SPLITS:
@@ -85,10 +100,11 @@ def use_data(c: ml_collections.ConfigDict, path: str, data_filter: dict | None =
 def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = mode                     # pretrain | finetune | eval
-  c.task = "classification"         # finetune / eval: classification | regression
+  c.task = "pretrain" if mode == "pretrain" else "classification"  # a name of avt_jax/tasks: pretrain | classification | regression
   c.workdir = ""                    # default for --workdir
   c.seed = 0
   c.total_steps = 200
+  c.num_epochs = 0.0                # > 0: total_steps = ceil(num_epochs * training clips / batch_size), set at start
   c.batch_size = 8                  # global, over all processes
   c.grad_accum_steps = 1            # micro-batches per step (batch_size must be divisible by it)
   c.eval_batch_size = 8
@@ -98,7 +114,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 100    # 0 = only at the end
   c.keep_checkpoints = 3
   c.init_from = ""                  # pretrained run dir / checkpoint to take the encoder from
-  c.select_metric = ""              # validation metric selecting the checkpoint ('' = masked_l1 / accuracy / ccc_mean)
+  c.select_metric = ""              # validation metric selecting the checkpoint ('' = the task's default)
   c.compilation_cache_dir = ""      # '' = ~/.cache/avt_jax/xla, 'none' = off
   c.peak_flops = 0.0                # per device, for MFU; 0 = from the device kind table
   c.allow_resume_changes = ""       # comma-separated config fields (or 'process_count') a resume may change
@@ -116,6 +132,12 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.data.test = ""                  # test split: evaluated once at the end, at the selected checkpoint
   c.data.max_tokens = 16            # T: clips are cropped / zero-padded to this many tokens (5 per second)
   c.data.worker_count = 0
+
+  # Evaluators by name (avt_jax/evaluators/<type>.py): "during" ones run every eval_every_steps and at the end,
+  # the one with select=True picks the checkpoint; "final" ones run once, on that checkpoint.
+  c.evals = ml_collections.ConfigDict(dict(
+      eval=dict(type="task_metrics", data="eval", when="during", select=True),
+      test=dict(type="task_metrics", data="test", when="final")))
 
   c.masking = ml_collections.ConfigDict(dict(ratio=0.05, span=3, probs=(0.8, 0.1, 0.1)))
 

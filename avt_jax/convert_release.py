@@ -24,7 +24,6 @@ A `.pt` input needs PyTorch installed; otherwise export it to `.npz` first (see 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -98,14 +97,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       out[k] = (v.float() if v.is_floating_point() else v).numpy()
     return out
   raise ValueError(f"{path}: unknown file type; expected .npz (or .pt with torch installed)")
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,7 +363,7 @@ def check_output_free(output: str) -> str:
 def write_checkpoint(output: str, params, cfg, source: Optional[str] = None,
                      check_inputs: Optional[str] = None) -> str:
   """Writes the converted checkpoint (and check_outputs.npz) to a fresh local directory, all or nothing."""
-  from avt_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, records  # pylint: disable=g-import-not-at-top
   output = check_output_free(output)
   checks = _load_check_inputs(check_inputs, cfg) if check_inputs else None
   parent = os.path.dirname(output)
@@ -381,7 +372,7 @@ def write_checkpoint(output: str, params, cfg, source: Optional[str] = None,
   try:
     config = cfg.to_dict()
     if source:
-      config["converted_from"] = {"file": os.path.abspath(source), "sha256": file_sha256(source)}
+      config["converted_from"] = {"file": os.path.abspath(source), "sha256": records.file_sha256(source)}
     checkpointing.save_pretrained(tmp, params, config)
     if checks is not None:
       outs = forward(params, cfg, *checks)

@@ -35,13 +35,11 @@ import grain
 import msgpack
 import numpy as np
 
-from avt_jax import records
+from avt_jax import records, targets
 
 MANIFEST = "manifest.jsonl"
 TFDS_PREFIX = "tfds:"
 BATCH_KEYS = ("audio", "visual", "mask", "audio_target", "visual_target", "label", "targets", "weight")
-# ITU-R BT.601 luma weights for R, G, B.
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 # Record fields read by the metadata pass (all small; the media arrays are skipped).
 _META_FIELDS = ("clip_id", "dataset", "speaker", "session", "label", "num_tokens")
 _STD_FLOOR = 1e-6
@@ -450,32 +448,8 @@ def spec_info(spec: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def area_matrix(src: int, dst: int) -> np.ndarray:
-  """[dst, src] weights of area-averaging resampling from `src` to `dst` pixels (rows sum to 1)."""
-  edges = np.arange(dst + 1, dtype=np.float64) * src / dst
-  lo, hi = edges[:-1, None], edges[1:, None]
-  pix = np.arange(src, dtype=np.float64)[None, :]
-  overlap = np.clip(np.minimum(hi, pix + 1) - np.maximum(lo, pix), 0, None)
-  return (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def face_target(frames: np.ndarray, target_size: int) -> np.ndarray:
-  """Unnormalised face target of token windows: [..., Kv, S, S, 3] uint8 -> [..., g*g] float32.
-
-  Grayscale (BT.601 luma of RGB scaled to [0, 1]), area-averaged to g x g, mean over the Kv frames. The
-  dataset's `target_mean` / `target_std` are statistics of this quantity.
-  """
-  s, kv = frames.shape[-2], frames.shape[-4]
-  # All three steps are linear: sum the frames first (exact in integers), then luma, then area averaging.
-  summed = frames.sum(axis=-4, dtype=np.uint32).astype(np.float32)
-  gray = summed @ (LUMA_WEIGHTS / (255.0 * kv))
-  a = area_matrix(s, target_size)
-  small = a @ gray @ a.T
-  return small.reshape(*small.shape[:-2], target_size * target_size).astype(np.float32)
-
-
-def zero_example(geometry: Geometry, max_tokens: int) -> dict[str, np.ndarray]:
-  """A padding clip: zeros everywhere, mask False, label -1, targets NaN (unknown), weight 0."""
+def zero_example(geometry: Geometry, max_tokens: int, keys: Sequence[str] = BATCH_KEYS) -> dict[str, np.ndarray]:
+  """A padding clip (its `keys`): zeros everywhere, mask False, label -1, targets NaN (unknown), weight 0."""
   t = max_tokens
   if geometry.kind == "raw":
     s, g = geometry.visual_size, geometry.target_size
@@ -487,15 +461,30 @@ def zero_example(geometry: Geometry, max_tokens: int) -> dict[str, np.ndarray]:
     audio = np.zeros((t, geometry.audio_dim), np.float32)
     visual = np.zeros((t, geometry.visual_dim), np.float32)
     audio_target, visual_target = audio.copy(), visual.copy()
-  return {"audio": audio, "visual": visual, "mask": np.zeros((t,), bool), "audio_target": audio_target,
-          "visual_target": visual_target, "label": np.int32(-1), "targets": np.full((3,), np.nan, np.float32),
-          "weight": np.float32(0.0)}
+  ex = {"audio": audio, "visual": visual, "mask": np.zeros((t,), bool), "audio_target": audio_target,
+        "visual_target": visual_target, "label": np.int32(-1), "targets": np.full((3,), np.nan, np.float32),
+        "weight": np.float32(0.0)}
+  return {k: ex[_known_key(k)] for k in keys}
 
 
-def dummy_batch(geometry: Geometry, batch_size: int, max_tokens: int) -> dict[str, np.ndarray]:
-  """A batch of padding clips with the exact shapes and dtypes the pipeline produces (for model init)."""
-  ex = zero_example(geometry, max_tokens)
+def _known_key(key: str) -> str:
+  if key not in BATCH_KEYS:
+    raise ValueError(f"batch key {key!r} is not produced by the input pipeline; expected some of {BATCH_KEYS}")
+  return key
+
+
+def dummy_batch(geometry: Geometry, batch_size: int, max_tokens: int,
+                keys: Sequence[str] = BATCH_KEYS) -> dict[str, np.ndarray]:
+  """A batch of padding clips with the exact shapes and dtypes the pipeline produces."""
+  ex = zero_example(geometry, max_tokens, keys)
   return {k: np.stack([v] * batch_size) for k, v in ex.items()}
+
+
+def batch_shapes(geometry: Geometry, batch_size: int, max_tokens: int,
+                 keys: Sequence[str] = BATCH_KEYS) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} of the batches the pipeline produces (no batch is built)."""
+  ex = zero_example(geometry, max_tokens, keys)
+  return {k: ((batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in ex.items()}
 
 
 class ClipTransform:
@@ -508,9 +497,13 @@ class ClipTransform:
   """
 
   def __init__(self, info: Mapping[str, Any], max_tokens: int, *, train: bool,
-               augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = ()):
+               augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = (),
+               keys: Sequence[str] = BATCH_KEYS):
     if max_tokens < 1:
       raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    self.keys = tuple(_known_key(k) for k in keys)
+    # Reconstruction targets cost more than the rest of the transform on raw data: only pretraining reads them.
+    self._with_targets = bool({"audio_target", "visual_target"} & set(self.keys))
     self.geometry = Geometry.from_info(info)
     self.max_tokens = int(max_tokens)
     self.train = train
@@ -564,18 +557,19 @@ class ClipTransform:
       for aug in self.augmentations:
         ex = aug(ex, rng)
     valid = ex["mask"]
-    if geo.kind == "raw":
-      audio_target = ex["audio"].mean(axis=1)
-      visual_target = (face_target(ex["visual"], geo.target_size) - self._target_mean) / self._target_std
-    else:
-      audio_target, visual_target = ex["audio"].copy(), ex["visual"].copy()
-    ex["audio_target"] = np.where(valid[:, None], audio_target, 0).astype(np.float32)
-    ex["visual_target"] = np.where(valid[:, None], visual_target, 0).astype(np.float32)
+    if self._with_targets:
+      if geo.kind == "raw":
+        audio_target = ex["audio"].mean(axis=1)
+        visual_target = (targets.face_target(ex["visual"], geo.target_size) - self._target_mean) / self._target_std
+      else:
+        audio_target, visual_target = ex["audio"].copy(), ex["visual"].copy()
+      ex["audio_target"] = np.where(valid[:, None], audio_target, 0).astype(np.float32)
+      ex["visual_target"] = np.where(valid[:, None], visual_target, 0).astype(np.float32)
     pad = ~valid
     ex["audio"][pad] = 0
     ex["visual"][pad] = 0
     ex["weight"] = np.float32(1.0)
-    return {k: ex[k] for k in BATCH_KEYS}
+    return {k: ex[k] for k in self.keys}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -627,7 +621,7 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
                  num_epochs: int | None = None, worker_count: int = 0, mixture: Sequence[float] | None = None,
                  augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = (),
                  batch_transform: Callable[[dict, np.random.Generator], dict] | None = None,
-                 read_options: grain.ReadOptions | None = None, worker_buffer_size: int = 2) -> grain.IterDataset:
+                 keys: Sequence[str] = BATCH_KEYS) -> grain.IterDataset:
   """Builds the Grain dataset of batches (docs/data_format.md) for this process.
 
   Args:
@@ -648,8 +642,7 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     augmentations: train-only per-clip callables, see `ClipTransform`.
     batch_transform: optional picklable `fn(batch, rng) -> batch` applied to every numpy batch in the
       consuming process (e.g. span masking); rng is a numpy Generator, deterministic and checkpointed.
-    read_options: threads / buffer of the in-process prefetch (default 2 threads, 4 batches).
-    worker_buffer_size: batches buffered per prefetch worker.
+    keys: the batch keys to build (a task's `batch_keys`); reconstruction targets are computed only if asked for.
 
   Returns:
     A grain IterDataset; `iter(ds)` gives a checkpointable iterator of dicts of numpy arrays.
@@ -671,7 +664,7 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     if len(s) == 0:
       raise ValueError(f"dataset {s.name!r} has no clips (after filtering)")
   train = split == "train"
-  transform = ClipTransform(sources[0].info, max_tokens, train=train, augmentations=augmentations)
+  transform = ClipTransform(sources[0].info, max_tokens, train=train, augmentations=augmentations, keys=keys)
 
   if train:
     parts = []
@@ -701,17 +694,16 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
     pad = num_batches * batch_size - len(ds)
     if pad:
-      padding = grain.MapDataset.source(_PaddingSource(zero_example(geometry, max_tokens), pad))
+      padding = grain.MapDataset.source(_PaddingSource(zero_example(geometry, max_tokens, keys), pad))
       ds = grain.MapDataset.concatenate([ds, padding]) if len(ds) else padding
     ds = ds.batch(batch_size, drop_remainder=False)
 
-  read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-  it = ds.to_iter_dataset(read_options)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app.run use the defaults.
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=worker_buffer_size))
+                                                     per_worker_buffer_size=2))
   if batch_transform is not None:
     it = it.random_map(_BatchTransform(batch_transform), seed=_derive_seed(seed, 3, process_index))
   return it

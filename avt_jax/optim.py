@@ -209,12 +209,6 @@ def _multipliers(groups, tree) -> Any:
   return jax.tree_util.tree_map_with_path(mult, tree)
 
 
-def param_multipliers(config, params) -> Any:
-  """Pytree of learning-rate multipliers (Python floats) for `params`: that of the first group whose pattern
-  `re.search`es the parameter's path, 1.0 when no group matches, 0.0 = frozen."""
-  return _multipliers(_groups(config), params)
-
-
 def scale_leaves(multipliers_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
   """Multiplies each leaf by the Python float that `multipliers_fn(updates)` gives for it; 0 gives exact zeros
   (even for NaN inputs), 1 leaves the leaf untouched. Stateless."""
@@ -231,6 +225,15 @@ def scale_leaves(multipliers_fn: Callable[[Any], Any]) -> optax.GradientTransfor
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def map_state_params(tx: optax.GradientTransformation, fn: Callable[[Any, Any], Any], state: Any, tree: Any,
+                     non_params: Callable[[Any], Any]) -> Any:
+  """`optax.tree_map_params` that also works with frozen groups: fn(state leaf, leaf of `tree` at the same
+  parameter) for the moments, `non_params(x)` for everything else; frozen parameters' empty nodes are kept."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # pylint: disable=unnecessary-lambda-assignment
+  return optax.tree_map_params(tx, lambda x, t: x if masked(x) else fn(x, t), state, tree,
+                               transform_non_params=non_params, is_leaf=masked)
+
+
 def make_optimizer(config, params) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the optimizer described by `config` for parameters shaped like `params` (arrays or ShapeDtypeStructs).
 
@@ -243,10 +246,10 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, Schedu
       the first matching group wins, unmatched parameters use multiplier 1. A pattern that matches no parameter
       is an error (it is almost always a typo).
 
-  Groups are applied by scaling leaves, so the optimizer state has exactly the parameters' structure (one plain
-  pytree per moment; `optax.tree_map_params` works on it). A frozen (multiplier 0) parameter gets a zero gradient
-  before anything else, so it is left out of the global norm, its moments stay 0, and its update is exactly 0.
-  The price is that moments are still allocated for frozen parameters.
+  Frozen parameters (multiplier 0) are split off with `optax.multi_transform`: their update is exactly 0, their
+  gradients are left out of the global norm, and the optimizer holds no moments for them (`optax.masked` leaves
+  an empty node in their place). The other multipliers scale the final updates leaf by leaf, so the state of the
+  trainable part keeps the parameters' structure (`optax.tree_map_params` works on it).
 
   Returns (transformation, schedule); the schedule is the base one (multiplier 1), for logging the learning rate.
   """
@@ -267,8 +270,6 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, Schedu
   used = set(jax.tree_util.tree_leaves(_multipliers(groups, params)))
 
   parts = []
-  if 0.0 in used:
-    parts.append(scale_leaves(lambda t: jax.tree_util.tree_map(lambda m: float(m != 0), _multipliers(groups, t))))
   if _enabled(max_grad_norm):
     parts.append(clip_by_global_norm(float(max_grad_norm)))
   if name == "bert_adam":
@@ -276,6 +277,11 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, Schedu
                            per_tensor_clip=config.get("per_tensor_clip", 1.0)))
   else:
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd))
-  if used != {1.0}:
+  if used - {0.0, 1.0}:
     parts.append(scale_leaves(lambda t: _multipliers(groups, t)))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if 0.0 in used:
+    labels = lambda t: jax.tree_util.tree_map(  # pylint: disable=unnecessary-lambda-assignment
+        lambda m: "frozen" if m == 0 else "trainable", _multipliers(groups, t))
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule

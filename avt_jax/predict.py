@@ -53,9 +53,6 @@ from data import face as face_lib
 from data import logmel as logmel_lib
 from data import media as media_lib
 
-CREMA_D_CLASSES = config_lib.CREMA_D_CLASSES
-MSP_IMPROV_CLASSES = ("A", "H", "S", "N")  # data.prepare's MSP-IMPROV labels 0..3
-DATASET_CLASSES = {"crema_d": CREMA_D_CLASSES, "msp_improv": MSP_IMPROV_CLASSES}
 
 # Reason prefixes of the clip errors (data.media / data.face / data.extract), so a message always says what is wrong.
 _CATEGORIES = ((face_lib.NoFaceError, "no face"), (media_lib.NoAudioStreamError, "no audio stream"),
@@ -151,8 +148,8 @@ def load_training_info(config, override: str = "") -> dict[str, Any]:
       raise PredictError(f"--dataset_info={override}: {e}") from e
     except OSError as e:
       raise PredictError(f"--dataset_info={override}: cannot read {path} ({e})") from e
-  from avt_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
-  spec = train.data_spec(config, "train")
+  from avt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  spec = config_lib.data_spec(config, "train")
   hint = ("it holds the normalisation statistics and extraction parameters: give --dataset_info=<prepared dir or "
           "dataset_info.json>")
   try:
@@ -199,11 +196,11 @@ def class_names(config, info: Mapping[str, Any] | None = None) -> list[str]:
   datasets = set((info or {}).get("datasets", {}))
   flt = (config.data.get("train_filter") or {}).get("where", {}) if config.get("data") else {}
   datasets = set(flt.get("dataset", ())) or datasets
-  known = [DATASET_CLASSES[d] for d in datasets if d in DATASET_CLASSES and len(DATASET_CLASSES[d]) == n]
+  known = [records.CLASS_NAMES[d] for d in datasets if d in records.CLASS_NAMES and len(records.CLASS_NAMES[d]) == n]
   if len(known) == 1:
     return list(known[0])
-  if n == len(CREMA_D_CLASSES):
-    return list(CREMA_D_CLASSES)
+  if n == len(records.CLASS_NAMES["crema_d"]):
+    return list(records.CLASS_NAMES["crema_d"])
   return [f"class_{k}" for k in range(n)]
 
 
@@ -268,8 +265,8 @@ class Predictor:
   def __init__(self, workdir: str, *, window_tokens: int = 0, hop_tokens: int = 0, dataset_info: str = "",
                batch_size: int = 8):
     import jax  # pylint: disable=g-import-not-at-top
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from avt_jax import checkpointing, input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+    from avt_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    from avt_jax import setup as setup_lib  # pylint: disable=g-import-not-at-top
 
     self.workdir = workdir = config_lib.absolute_path(workdir)
     self.config = config = load_run_config(workdir)
@@ -285,25 +282,18 @@ class Predictor:
     self.batch_size = max(1, int(batch_size))
     self.task = config.task
     self.names = class_names(config, self.info) if self.task == "classification" else target_names(config)
+    # One device: a few windows per call; the parameters are restored onto it whatever mesh trained them.
+    from avt_jax import input_pipeline, sharding  # pylint: disable=g-import-not-at-top
+    self.setup = setup_lib.build(config, input_pipeline.Geometry.from_info(self.info), optimizer=False,
+                                 mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+                                 batch_size=self.batch_size, max_tokens=self.window)
+    self.keys = self.setup.task.batch_keys
     self.transform = self._transform(self.window)
-    geometry = self.transform.geometry
-
-    model = train.build_model(config)
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    rules = sharding.rules_from_config(config.mesh.get("rules") if config.get("mesh") else None)
-    dummy = input_pipeline.dummy_batch(geometry, self.batch_size, self.window)
-    key = jax.random.key(0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      boxed = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, dummy, deterministic=True))["params"]
-      shardings = sharding.logical_shardings(boxed, mesh, rules)
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              sharding.strip_boxes(boxed), shardings)
-      try:
-        self.params = checkpointing.restore_params(self.params_dir, abstract)
-      except (FileNotFoundError, checkpointing.CheckpointMismatchError) as e:
-        raise PredictError(f"{workdir}: cannot restore the fine-tuned parameters: {e}") from e
-    self._mesh, self._rules = mesh, rules
-    self._apply = jax.jit(lambda p, b: model.apply({"params": p}, b, deterministic=True)["output"])
+    try:
+      self.params = self.setup.restore_params(self.params_dir)
+    except (FileNotFoundError, checkpointing.CheckpointMismatchError) as e:
+      raise PredictError(f"{workdir}: cannot restore the fine-tuned parameters: {e}") from e
+    self._apply = jax.jit(self.setup.task.predict)
     self.params_dir = os.path.join(self.params_dir, checkpointing.STATE)
 
   def _transform(self, length: int):
@@ -311,22 +301,20 @@ class Predictor:
     from avt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     cache = self.__dict__.setdefault("_transforms", {})
     if length not in cache:
-      cache[length] = input_pipeline.ClipTransform(self.info, length, train=False)
+      cache[length] = input_pipeline.ClipTransform(self.info, length, train=False, keys=self.keys)
     return cache[length]
 
   def _run_model(self, examples: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
     from avt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     length = int(examples[0]["mask"].shape[0])
-    padding = input_pipeline.zero_example(self.transform.geometry, length)
+    padding = input_pipeline.zero_example(self.transform.geometry, length, self.keys)
     outs = []
     for i in range(0, len(examples), self.batch_size):
       chunk = list(examples[i:i + self.batch_size])
       n = len(chunk)
       chunk += [padding] * (self.batch_size - n)  # one compiled shape per window length
-      batch = {k: np.stack([ex[k] for ex in chunk]) for k in chunk[0]}
-      with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+      batch = {k: np.stack([ex[k] for ex in chunk]) for k in self.keys}
+      with self.setup.scope():
         out = np.asarray(self._apply(self.params, batch))
       outs.append(out[:n])
     return np.concatenate(outs).astype(np.float64)

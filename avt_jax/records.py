@@ -7,6 +7,7 @@ per ArrayRecord entry. This module is the single place that knows the byte forma
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +19,11 @@ from flax import serialization
 
 REQUIRED_KEYS = ("clip_id", "dataset", "speaker", "session", "label", "targets", "num_tokens", "audio", "visual")
 DATASET_INFO = "dataset_info.json"
+# What the `label` field means, per dataset (data.prepare writes the index; -1 = no label).
+CLASS_NAMES = {
+    "crema_d": ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD"),
+    "msp_improv": ("A", "H", "S", "N"),  # angry, happy, sad, neutral; O (other) and X (no agreement) are -1
+}
 
 
 class RecordError(ValueError):
@@ -44,24 +50,18 @@ def decode(data: bytes, where: str = "") -> dict[str, Any]:
   return ex
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-  """Writes a small file whole or not at all: a unique temporary file beside it, flushed, then renamed over it.
-
-  A reader (or a process killed mid-write) sees either the old file or the new one, never a torn one. Remote
-  paths (gs://, anything with a scheme) are written in one object upload, which is atomic already.
-  """
-  payload = data.encode() if isinstance(data, str) else bytes(data)
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a unique temporary path beside local `path`; when the block succeeds, the file written there is
+  flushed to disk and renamed over `path`, else removed. Readers see the old file or the new one, never a torn one,
+  and two writers never share a temporary file."""
   path = os.fspath(path)
-  if "://" in path:
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(path).write_bytes(payload)
-    return
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+  os.close(fd)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-      f.flush()
+    yield tmp
+    with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
@@ -69,6 +69,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+  """Writes a small file whole or not at all (see `replacing`). Remote paths (gs://, anything with a scheme) are
+  written in one object upload, which is atomic already."""
+  payload = data.encode() if isinstance(data, str) else bytes(data)
+  path = os.fspath(path)
+  if "://" in path:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(path).write_bytes(payload)
+    return
+  with replacing(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(payload)
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", object_only: bool = False) -> Any:
@@ -97,6 +111,15 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", object_only: boo
   return data
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+  """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
 def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[Any]:
   """Parses a JSON-lines file (blank lines skipped); a bad line raises RecordError naming the path and line."""
   path = os.fspath(path)
@@ -113,17 +136,16 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file") -> list[A
 
 
 def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> int:
-  """Writes examples to `path` atomically (temporary file, then rename). Returns the record count."""
-  tmp = path + ".tmp"
+  """Writes examples to an ArrayRecord shard at `path` atomically (see `replacing`). Returns the record count."""
   n = 0
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  try:
-    for ex in examples:
-      writer.write(encode(ex))
-      n += 1
-  finally:
-    writer.close()
-  os.replace(tmp, path)
+  with replacing(path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      for ex in examples:
+        writer.write(encode(ex))
+        n += 1
+    finally:
+      writer.close()
   return n
 
 

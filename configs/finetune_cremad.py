@@ -8,13 +8,13 @@ actors, test once at the selected checkpoint) see README "Reproduce the paper's 
 Variant `:tiny` for tests.
 """
 
-from avt_jax import config_lib
+from avt_jax import config_lib, records
 
 
 def get_config(arg: str = ""):
   c = config_lib.base_config("finetune")
   c.task = "classification"
-  c.model.num_classes = len(config_lib.CREMA_D_CLASSES)
+  c.model.num_classes = len(records.CLASS_NAMES["crema_d"])
   c.model.readout = "last"
   crema = {"where": {"dataset": ("crema_d",)}}
   # Validation (data.eval) selects the checkpoint; data.test is evaluated once, at the selected checkpoint.

@@ -27,14 +27,16 @@ import os
 import re
 from typing import Mapping
 
+from avt_jax import records
+
 DATASETS = ("auto", "crema_d", "grid", "voxceleb2", "msp_improv", "generic")
 
-CREMA_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+CREMA_EMOTIONS = records.CLASS_NAMES["crema_d"]
 CREMA_RE = re.compile(r"^(\d{4})_([A-Z]{3})_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]{1,2})$")
 GRID_RE = re.compile(r"(^|_)[blps][bgrw][abiw][a-z][0-9z][anps]$")
 GRID_SPEAKER_RE = re.compile(r"^s\d+$")
 VOX_ID_RE = re.compile(r"^id\d+$")
-MSP_EMOTIONS = ("A", "H", "S", "N")  # angry, happy, sad, neutral -> 0..3; O (other) and X (no agreement) -> -1
+MSP_EMOTIONS = records.CLASS_NAMES["msp_improv"]
 MSP_RE = re.compile(r"^MSP-IMPROV-(S\d+[A-Z])-([MF])(\d+)-([A-Z])-([A-Z]{2}\d+)$")
 # The label file as released, then the corrected spelling some copies use.
 MSP_LABEL_FILES = ("Evalution.txt", "Evaluation.txt")

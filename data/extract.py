@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from avt_jax import targets as targets_lib
 from data import face as face_lib
 from data import logmel as logmel_lib
 from data import media as media_lib
@@ -111,19 +112,6 @@ def extract_raw(path: str, config: ExtractConfig = ExtractConfig()) -> RawClip:
   return RawClip(num_tokens=n, audio=mel, visual=crops, info=info)
 
 
-def visual_targets(visual: np.ndarray, frames_per_token: int, target_size: int) -> np.ndarray:
-  """Grayscale reconstruction target [T, g * g] (float32 in [0, 1]) of face crops [T * Kv, S, S, 3] uint8.
-
-  Luma 0.299 R + 0.587 G + 0.114 B of RGB / 255, block-averaged from S x S to g x g, averaged over the Kv frames
-  of each token. The dataset statistics `target_mean` / `target_std` are taken over these values.
-  """
-  n, s = visual.shape[0], visual.shape[1]
-  t, g = n // frames_per_token, target_size
-  gray = visual.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
-  gray = gray.reshape(t, frames_per_token, g, s // g, g, s // g).mean(axis=(1, 3, 5))
-  return gray.reshape(t, g * g)
-
-
 def clip_statistics(audio: np.ndarray, visual: np.ndarray | None = None, frames_per_token: int = 5,
                     target_size: int = 8) -> dict[str, Any]:
   """Sums for dataset statistics (float64): per-column audio sums, and visual-target sums (raw kind) or per-column
@@ -131,7 +119,8 @@ def clip_statistics(audio: np.ndarray, visual: np.ndarray | None = None, frames_
   a = audio.astype(np.float64)
   stats = dict(clip_count=1, audio_count=int(a.shape[0]), audio_sum=a.sum(0).tolist(), audio_sumsq=(a * a).sum(0).tolist())
   if visual is not None and visual.dtype == np.uint8:
-    v = visual_targets(visual, frames_per_token, target_size).astype(np.float64)
+    n, size = visual.shape[0] // frames_per_token, visual.shape[1]
+    v = targets_lib.face_target(visual.reshape(n, frames_per_token, size, size, 3), target_size).astype(np.float64)
     stats.update(visual_count=int(v.size), visual_sum=[float(v.sum())], visual_sumsq=[float((v * v).sum())])
   elif visual is not None:
     v = visual.astype(np.float64)

@@ -102,10 +102,6 @@ def synth_folds(num_speakers: int = 20, num_folds: int = 5, num_validation: int 
 SHIPPED = {"crema_d.json": crema_d_folds, "msp_improv.json": msp_improv_folds, "avt_synth.json": synth_folds}
 
 
-def shipped_path(dataset: str) -> str:
-  return os.path.join(FOLDS_DIR, f"{dataset}.json")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Reading and checking.
 # --------------------------------------------------------------------------------------------------------------

@@ -122,12 +122,6 @@ def _streams(container):
   return (video[0] if video else None), (audio[0] if audio else None)
 
 
-def probe(path: str) -> StreamInfo:
-  """Reads stream metadata (no decoding). Raises CorruptMediaError if the container cannot be opened."""
-  with _open(path) as c:
-    return _stream_info(path, c)
-
-
 def _stream_info(path: str, c) -> StreamInfo:
   v, a = _streams(c)
   info = StreamInfo(path=path, has_video=v is not None, has_audio=a is not None,

@@ -241,14 +241,6 @@ def extractor_info(kind: str, config: extract_lib.ExtractConfig) -> dict[str, An
               fps=config.fps, video_resampling="nearest timestamp", min_tokens=config.min_tokens)
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _load_entry(work: str, index: int) -> dict:
   path = _entry_path(work, index, ".json")
   try:
@@ -274,7 +266,7 @@ def process_task(task: Task, kind: str, config: extract_lib.ExtractConfig, work:
     entry.update(task.meta.to_json())
   entry["source"] = task.relpaths[0] if kind == "raw" else list(task.relpaths)
   if kind == "raw" or all(task.paths):
-    digests = [_sha256(p) for p in task.paths if p]
+    digests = [records.file_sha256(p) for p in task.paths if p]
     entry["sha256"] = digests[0] if kind == "raw" else digests
   entry["extractors"] = extractor_info(kind, config)
   record = None

@@ -126,9 +126,6 @@ def format_commands(commands: Sequence[Sequence[str]]) -> str:
   return "\n".join(shlex.join([str(a) for a in c]) for c in commands)
 
 
-Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess"]
-
-
 def default_runner(argv: Sequence[str], capture: bool = False) -> subprocess.CompletedProcess:
   try:
     return subprocess.run(list(argv), check=False, text=True, capture_output=capture)

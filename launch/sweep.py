@@ -629,38 +629,32 @@ def predict_run(run_dir: str) -> dict[str, np.ndarray]:
     with np.load(path) as z:
       return {k: z[k] for k in z.files}
   import jax  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from avt_jax import checkpointing, input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+  from avt_jax import input_pipeline, sharding  # pylint: disable=g-import-not-at-top
+  from avt_jax import setup as setup_lib  # pylint: disable=g-import-not-at-top
 
   config = build_config(os.path.join(run_dir, RUN_SPEC))
-  spec = train.data_spec(config, "test")
+  spec = config_lib.data_spec(config, "test")
   if not spec:
     raise SweepError(f"{run_dir}: the run has no test split")
   _, geometry = input_pipeline.open_sources(spec)
-  train.fill_model_config(config, geometry)
-  model = train.build_model(config)
-  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  rules = sharding.rules_from_config(config.mesh.get("rules"))
   bs = int(config.get("eval_batch_size", config.batch_size))
-  dummy = input_pipeline.dummy_batch(geometry, bs, config.data.max_tokens)
-  key = jax.random.key(0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, dummy, deterministic=True))["params"]
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            sharding.strip_boxes(boxed), shardings)
-    params = checkpointing.restore_params(run_dir, abstract, prefer_best=True)
-    apply = jax.jit(lambda p, b: model.apply({"params": p}, b, deterministic=True)["output"])
-    ds = input_pipeline.make_dataset(spec, split="eval", global_batch_size=bs, seed=0,
-                                     max_tokens=config.data.max_tokens, process_index=0, process_count=1)
-    outs, labels, targets, weights = [], [], [], []
+  setup = setup_lib.build(config, geometry, optimizer=False, batch_size=bs,
+                          mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+  params = setup.restore_params(run_dir, prefer_best=True)
+  predict = jax.jit(setup.task.predict)
+  # The labels and targets come along with the task's own keys, for the plots.
+  keys = tuple(dict.fromkeys(setup.task.batch_keys + ("label", "targets", "weight")))
+  ds = input_pipeline.make_dataset(spec, split="eval", global_batch_size=bs, seed=0, max_tokens=setup.max_tokens,
+                                   process_index=0, process_count=1, keys=keys)
+  outs, labels, targets, weights = [], [], [], []
+  with setup.scope():
     for batch in ds:
-      outs.append(np.asarray(apply(params, {k: np.asarray(v) for k, v in batch.items()})))
+      outs.append(np.asarray(predict(params, {k: np.asarray(batch[k]) for k in setup.task.batch_keys})))
       labels.append(batch["label"])
       targets.append(batch["targets"])
       weights.append(batch["weight"])
   keep = np.concatenate(weights) > 0
-  idx = list(config.loss.target_indices) if config.task == "regression" else [0, 1]
+  idx = list(getattr(setup.task, "target_indices", (0, 1)))
   result = {"output": np.concatenate(outs)[keep].astype(np.float32), "label": np.concatenate(labels)[keep],
             "targets": np.concatenate(targets)[keep][:, idx].astype(np.float32)}
   buf = io.BytesIO()
@@ -681,20 +675,13 @@ def _curve(run_dir: str, metric: str) -> tuple[list[int], list[float]]:
   return steps, values
 
 
-def confusion(labels: np.ndarray, logits: np.ndarray, num_classes: int) -> np.ndarray:
-  """[true, predicted] counts."""
-  pred = np.argmax(logits, axis=-1)
-  cm = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(cm, (labels[labels >= 0], pred[labels >= 0]), 1)
-  return cm
-
-
 def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], table: Mapping[str, Any],
                select: str, task: str, log=print) -> list[str]:
   """Validation curves and confusion matrices / scatter plots of the chosen-lr runs, per label fraction."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from avt_jax import metrics  # pylint: disable=g-import-not-at-top
 
   out_dir = os.path.join(workdir, "plots")
   os.makedirs(out_dir, exist_ok=True)
@@ -734,7 +721,8 @@ def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, An
       num_classes = preds[inits[0]][0]["output"].shape[-1]
       fig, axes = plt.subplots(1, len(inits), figsize=(4.5 * len(inits), 4), squeeze=False)
       for ax, init in zip(axes[0], inits):
-        cm = sum(confusion(p["label"], p["output"], num_classes) for p in preds[init])
+        cm = sum(np.asarray(metrics.ConfusionMatrix.with_classes(num_classes).from_model_output(
+            logits=p["output"], labels=p["label"]).compute()) for p in preds[init])
         rate = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
         ax.imshow(rate, vmin=0, vmax=1, cmap="Blues")
         for i in range(num_classes):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from avt_jax import bench, config_lib, summary
+from avt_jax import bench, config_lib, costs, summary
 
 CACHE = os.path.join(os.environ.get("PYTEST_XLA_CACHE", "/tmp"), f"avt_jax_test_xla_{os.getuid()}")
 NO_DROPOUT = dict(embed_dropout=0.0, residual_dropout=0.0, relu_dropout=0.0, joint_attention_dropout=0.0)
@@ -25,7 +25,7 @@ def test_model_flops_match_xla_cost_analysis():
   # elementwise work (softmax, LayerNorm, the optimizer update) and came out 2% above the model FLOPs.
   config = _config("small", 16, 32, **NO_DROPOUT)
   compiled = bench.Step(config, jax.devices()[:1]).compile()
-  xla = summary.compiled_flops(compiled)
+  xla = costs.compiled_flops(compiled)
   model = 16 * bench.model_flops_per_clip(config.model, 32, 24, 7)
   assert 1.0 <= xla / model < 1.10, xla / model
 

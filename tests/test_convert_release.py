@@ -481,7 +481,7 @@ def test_cli_end_to_end_and_finetune_restore(tmp_path):
   del config["converted_from"]
   cfg = avt.model_config(**config)
   batch = {"audio": jnp.asarray(audio), "visual": jnp.asarray(visual), "mask": jnp.ones((2, 9), bool)}
-  model = avt.FinetuneModel(cfg, task="classification")
+  model = avt.FinetuneModel(cfg, num_outputs=cfg.num_classes)
   abstract = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"])
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract_enc = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),

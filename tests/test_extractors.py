@@ -10,6 +10,7 @@ import librosa
 import numpy as np
 import pytest
 
+from avt_jax import targets
 from data import datasets
 from data import extract
 from data import face
@@ -261,7 +262,7 @@ def test_grid_audio_frames_are_logmel_of_the_clip(extracted, decoded):
 def test_visual_targets_by_hand():
   rng = np.random.default_rng(0)
   v = rng.integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
-  got = extract.visual_targets(v, 5, 8)
+  got = targets.face_target(v.reshape(2, 5, 64, 64, 3), 8)
   gray = (0.299 * v[..., 0] + 0.587 * v[..., 1] + 0.114 * v[..., 2]) / 255.0
   ref = np.array([[gray[5 * t:5 * t + 5, 8 * i:8 * i + 8, 8 * j:8 * j + 8].mean() for i in range(8) for j in range(8)]
                   for t in range(2)])

@@ -11,7 +11,7 @@ import pytest
 from array_record.python import array_record_module
 
 from avt_jax import input_pipeline as ip
-from avt_jax import records
+from avt_jax import records, targets
 
 KA, FA, KV, S, G = 4, 6, 2, 8, 4  # raw geometry of the test datasets
 DA, DV = 5, 7  # features geometry
@@ -219,7 +219,7 @@ def test_train_random_crop_matches_a_window(raw_dir):
 def test_face_target_area_average_vs_opencv():
   rng = np.random.default_rng(3)
   frames = rng.integers(0, 256, size=(2, 3, 10, 10, 3), dtype=np.uint8)  # [N, Kv, S, S, 3], S=10 -> g=4
-  got = ip.face_target(frames, 4)
+  got = targets.face_target(frames, 4)
   assert got.shape == (2, 16) and got.dtype == np.float32
   for n in range(2):
     acc = np.zeros((4, 4), np.float64)
@@ -230,7 +230,7 @@ def test_face_target_area_average_vs_opencv():
     np.testing.assert_allclose(got[n], acc.reshape(-1), atol=1e-5)
   # Divisible sizes: plain block means.
   even = rng.integers(0, 256, size=(1, 8, 8, 3), dtype=np.uint8)
-  np.testing.assert_allclose(ip.face_target(even, 4), _hand_face_target(even, 4), atol=1e-6)
+  np.testing.assert_allclose(targets.face_target(even, 4), _hand_face_target(even, 4), atol=1e-6)
 
 
 def test_augmentation_runs_in_train_only_before_targets(raw_dir):
@@ -534,8 +534,11 @@ def test_face_target_is_the_quantity_of_the_dataset_statistics():
   """target_mean/std in dataset_info.json are computed by data.extract; the pipeline must use the same target."""
   extract = pytest.importorskip("data.extract")
   frames = np.random.default_rng(4).integers(0, 256, size=(6 * 5, 64, 64, 3), dtype=np.uint8)
-  np.testing.assert_allclose(ip.face_target(frames.reshape(6, 5, 64, 64, 3), 8),
-                             extract.visual_targets(frames, 5, 8), atol=1e-6)
+  stats = extract.clip_statistics(np.zeros((6 * 20, 80), np.float32), frames, frames_per_token=5, target_size=8)
+  want = np.stack([_hand_face_target(frames[5 * t:5 * t + 5], 8) for t in range(6)])
+  assert stats["visual_count"] == want.size
+  np.testing.assert_allclose(stats["visual_sum"], [want.sum()], rtol=1e-6)
+  np.testing.assert_allclose(stats["visual_sumsq"], [(want * want).sum()], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------

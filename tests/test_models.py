@@ -117,7 +117,7 @@ def test_sinusoidal_table_by_hand():
 
 
 def _init_apply(cfg, batch, task=None):
-  model = avt.PretrainModel(cfg) if task is None else avt.FinetuneModel(cfg, task=task)
+  model = avt.PretrainModel(cfg) if task is None else avt.FinetuneModel(cfg, num_outputs=cfg.num_classes if task == "classification" else cfg.num_targets)
   params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
   return model, params
 

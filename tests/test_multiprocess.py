@@ -31,6 +31,7 @@ import pytest
 from flax import linen as nn
 
 from avt_jax import checkpointing, config_lib, input_pipeline, sharding, train
+from avt_jax import setup as setup_lib
 
 REPO = config_lib.REPO
 CACHE = os.path.join(os.environ.get("PYTEST_XLA_CACHE", "/tmp"), f"avt_jax_test_xla_{os.getuid()}")
@@ -166,18 +167,14 @@ def _abstract_state(run_dir: str, mesh_cfg: dict):
   """The trainer's abstract state (with shardings on `mesh_cfg`) for the run in `run_dir` (its config.json)."""
   config = ml_collections.ConfigDict(json.load(open(os.path.join(run_dir, "config.json"))))
   mesh = sharding.make_mesh(mesh_cfg)
-  rules = sharding.rules_from_config(config.mesh.get("rules"))
-  _, geometry = input_pipeline.open_sources(train.data_spec(config, "train"))
-  dummy = {k: jnp.asarray(v) for k, v in
-           input_pipeline.dummy_batch(geometry, config.batch_size, config.data.max_tokens).items()}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract, shardings, _, _, _ = train.create_state(config, train.build_model(config), dummy, mesh, rules)
-  return config, abstract, shardings
+  _, geometry = input_pipeline.open_sources(config_lib.data_spec(config, "train"))
+  setup = setup_lib.build(config, geometry, mesh=mesh)
+  return config, setup.abstract_state, setup.state_shardings
 
 
 def restore_params(run_dir: str, step: int, mesh_cfg: dict) -> dict[str, np.ndarray]:
   """Restores the train state of `run_dir`'s checkpoint `step` onto `mesh_cfg` in this process layout (the
-  trainer's code path: its config.json, create_state, checkpointing.restore) and returns the full parameters.
+  trainer's code path: its config.json, setup.build, checkpointing.restore) and returns the full parameters.
 
   Also run by the 2-process helper below, so it must work in every process of a jax.distributed job.
   """

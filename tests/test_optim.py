@@ -205,9 +205,14 @@ def test_state_maps_onto_parameter_tree(name):
   tx, _ = optim.make_optimizer(config, params)
   state = jax.eval_shape(tx.init, params)
   names = jax.tree_util.tree_map_with_path(lambda p, _: optim.path_name(p), params)
-  mapped = optax.tree_map_params(tx, lambda _, n: n, state, names, transform_non_params=lambda _: None)
+  mapped = optim.map_state_params(tx, lambda _, n: n, state, names, non_params=lambda _: None)
   leaves = jax.tree_util.tree_leaves(mapped)
-  assert leaves.count("params/frontend/kernel") == 2 and leaves.count("params/head/kernel") == 2
+  # Two moments per trainable parameter; none for the frozen frontend (it has no optimizer state at all).
+  assert leaves.count("params/frontend/kernel") == 0 and leaves.count("params/head/kernel") == 2
+  moment_elements = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.shape)  # step counters are scalars
+  trainable = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                  if "frontend" not in optim.path_name(p))
+  assert moment_elements == 2 * trainable
 
 
 def test_param_groups_bad_config():

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from avt_jax import config_lib, input_pipeline, sharding, train
+from avt_jax import config_lib, input_pipeline, sharding, tasks
+from avt_jax import setup as setup_lib
 from avt_jax.models import avt
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "base_2x4_fsdp.txt")
@@ -50,7 +51,7 @@ def _dummy(cfg):
 def _boxed(size: str):
   """Abstract parameters (nn.Partitioned boxes carrying logical axis names) and each parameter's names."""
   cfg = _config(size)
-  boxed = jax.eval_shape(lambda: train.build_model(cfg).init(jax.random.key(0), _dummy(cfg)))["params"]
+  boxed = jax.eval_shape(lambda: tasks.from_config(cfg).model.init(jax.random.key(0), _dummy(cfg)))["params"]
   names = {}
   specs = nn.get_partition_spec(boxed)
   for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.P))[0]:
@@ -69,12 +70,11 @@ def _param_shardings(size: str, mesh_cfg: dict):
 
 
 def _state(size: str, mesh_cfg: dict):
-  """The trainer's abstract train state (params + optimizer state, with shardings), as `train.create_state` makes it."""
+  """The trainer's abstract train state (params + optimizer state, with shardings), as `setup.build` makes it."""
   cfg = _config(size)
   mesh = _mesh(mesh_cfg)
-  rules = sharding.DEFAULT_RULES
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract, _, _, _, _ = train.create_state(cfg, train.build_model(cfg), _dummy(cfg), mesh, rules)
+  geometry = input_pipeline.Geometry("features", 1, AUDIO_DIM, 1, VISUAL_DIM, 0, 0)
+  abstract = setup_lib.build(cfg, geometry, mesh=mesh, max_tokens=8).abstract_state
   return abstract, _boxed(size)[1], mesh
 
 

@@ -289,11 +289,12 @@ def _random_pretrained_checkpoint(directory):
   """A pretraining checkpoint of configs/pretrain_synth.py:tiny with random weights (written in-process)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from avt_jax import checkpointing, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, input_pipeline, tasks  # pylint: disable=g-import-not-at-top
+  from avt_jax import setup as setup_lib  # pylint: disable=g-import-not-at-top
   config = sweep_lib.load_config_file("configs/pretrain_synth.py:tiny")
   _, geometry = input_pipeline.open_sources(config.data.train)
-  train.fill_model_config(config, geometry)
-  model = train.build_model(config)
+  setup_lib.fill_model_config(config, geometry)
+  model = tasks.from_config(config).model
   dummy = input_pipeline.dummy_batch(geometry, 2, config.data.max_tokens)
   key = jax.random.key(1)
   params = nn.meta.unbox(model.init({"params": key, "dropout": key}, dummy, deterministic=True)["params"])

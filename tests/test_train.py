@@ -14,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from avt_jax import checkpointing, config_lib, input_pipeline, sharding, train
+from avt_jax import checkpointing, config_lib, input_pipeline, records, sharding, train
+from avt_jax import setup as setup_lib
 
 REPO = config_lib.REPO
 # One persistent XLA cache for every run of this module: identical programs compile once.
@@ -136,15 +137,9 @@ def _tiny_config(**data):
 
 
 def _abstract_state(cfg, mesh):
-  _, geometry = input_pipeline.open_sources(train.data_spec(cfg, "train"))
-  train.fill_model_config(cfg, geometry)
-  dummy = input_pipeline.dummy_batch(geometry, cfg.batch_size, cfg.data.max_tokens)
-  rules = sharding.rules_from_config(cfg.mesh.get("rules"))
-  model = train.build_model(cfg)
-  with jax.set_mesh(mesh):
-    import flax.linen as nn
-    with nn.logical_axis_rules(rules):
-      return train.create_state(cfg, model, dummy, mesh, rules)
+  _, geometry = input_pipeline.open_sources(config_lib.data_spec(cfg, "train"))
+  s = setup_lib.build(cfg, geometry, mesh=mesh)
+  return s.abstract_state, s.state_shardings, s.init, s.tx, s.schedule
 
 
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
@@ -202,12 +197,13 @@ def test_finetune_from_pretraining_run_logs_classification_metrics(uninterrupted
   assert any(r["split"] == "eval" and "accuracy" in r for r in rows)
 
   # Evaluation only: init_from's selected checkpoint on the same splits gives the same numbers, in
-  # final_metrics.json of the evaluation workdir.
+  # final_metrics.json of the evaluation workdir. No training data is given (nor needed), and no optimizer state.
   wd_eval = str(tmp_path / "eval")
   proc = subprocess.run(
       [sys.executable, "-m", "avt_jax.main", f"--config={REPO}/configs/finetune_cremad.py:tiny",
        f"--config.compilation_cache_dir={CACHE}", "--config.mode=eval", f"--config.init_from={wd}",
-       f"--workdir={wd_eval}"], env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=300)
+       "--config.data.train=", f"--workdir={wd_eval}"], env=_env(1), cwd=REPO, capture_output=True, text=True,
+      timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   evaluated = json.load(open(os.path.join(wd_eval, "final_metrics.json")))
   assert evaluated["eval/accuracy"] == pytest.approx(final["best/validation/accuracy"], abs=1e-6)
@@ -248,10 +244,10 @@ def test_parameter_free_switches_that_differ_from_init_from_are_reported(tmp_pat
   from avt_jax.models import avt
   (tmp_path / "config.json").write_text(json.dumps({"padding_mask": False, "release_positions": True,
                                                     "causal": True}))
-  diffs = train.warn_model_differences(str(tmp_path), avt.model_config("base"))
+  diffs = setup_lib.warn_model_differences(str(tmp_path), avt.model_config("base"))
   assert diffs == ["padding_mask: False there, True here", "release_positions: True there, False here"]
   same = avt.model_config("base", padding_mask=False, release_positions=True)
-  assert train.warn_model_differences(str(tmp_path), same) == []
+  assert setup_lib.warn_model_differences(str(tmp_path), same) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,7 +425,7 @@ def test_eval_and_test_data_are_checked_before_the_first_step(tmp_path):
   shard = _largest_file(os.path.join(broken, "shards"))
   _truncate(shard)
   config.data.eval, config.data.test = config_lib.SAMPLE, broken
-  with pytest.raises(train.records.RecordError, match=f"^{shard}: not a readable ArrayRecord shard"):
+  with pytest.raises(records.RecordError, match=f"^{shard}: not a readable ArrayRecord shard"):
     train.open_eval_sources(config, train_sources, geometry)
 
 
@@ -437,8 +433,8 @@ def test_malformed_best_record_names_the_file(tmp_path):
   best = tmp_path / "best"
   best.mkdir()
   (best / "best.json").write_text('{"step": 20, "metric": "accuracy", "value": 0.5, "metr')
-  with pytest.raises(train.records.RecordError, match=rf"^{best}/best.json:1: malformed best-checkpoint record"):
-    train.BestCheckpoint(str(tmp_path), "accuracy", "max")
+  with pytest.raises(records.RecordError, match=rf"^{best}/best.json:1: malformed best-checkpoint record"):
+    checkpointing.BestCheckpoint(str(tmp_path), "accuracy", "max")
   (best / "best.json").write_text('{"step": 20}')
-  with pytest.raises(train.records.RecordError, match=rf"^{best}/best.json: expected"):
-    train.BestCheckpoint(str(tmp_path), "accuracy", "max")
+  with pytest.raises(records.RecordError, match=rf"^{best}/best.json: expected"):
+    checkpointing.BestCheckpoint(str(tmp_path), "accuracy", "max")

@@ -165,20 +165,15 @@ class PretrainModel(nn.Module):
 
 
 class FinetuneModel(nn.Module):
-  """Encoder + readout + head; `task` is 'classification' (logits [B, C]) or 'regression' ([B, K])."""
+  """Encoder + readout + MLP head with `num_outputs` outputs (class logits [B, C] or attributes [B, K]; the task
+  chooses, avt_jax/tasks)."""
   config: Mapping[str, Any]
-  task: str = "classification"
+  num_outputs: int
 
   @nn.compact
   def __call__(self, batch, deterministic: bool = True):
     cfg = self.config
     h = AVEncoder(cfg, name="encoder")(batch["audio"], batch["visual"], batch["mask"], deterministic)
     pooled = readout(h, batch["mask"], cfg.readout)
-    if self.task == "classification":
-      out_dim = cfg.num_classes
-    elif self.task == "regression":
-      out_dim = cfg.num_targets
-    else:
-      raise ValueError(f"unknown task {self.task!r}; expected 'classification' or 'regression'")
-    out = MLPHead(out_dim, cfg.head_hidden, cfg.head_dropout, name="head")(pooled, deterministic)
+    out = MLPHead(self.num_outputs, cfg.head_hidden, cfg.head_dropout, name="head")(pooled, deterministic)
     return {"features": h, "pooled": pooled, "output": out}
