@@ -438,3 +438,21 @@ def test_malformed_best_record_names_the_file(tmp_path):
   (best / "best.json").write_text('{"step": 20}')
   with pytest.raises(records.RecordError, match=rf"^{best}/best.json: expected"):
     checkpointing.BestCheckpoint(str(tmp_path), "accuracy", "max")
+
+
+def test_num_epochs_sets_the_steps_from_the_training_data():
+  config = config_lib.base_config("finetune")
+  config.batch_size = 8
+  config.num_epochs = 2.5
+  config.optimizer.total_steps = config.total_steps  # the schedule follows total_steps unless set apart
+  sources, _ = input_pipeline.open_sources(config_lib.SAMPLE)  # 12 clips
+  cfg = config.copy_and_resolve_references()
+  train.steps_from_epochs(cfg, sources)
+  assert cfg.total_steps == cfg.optimizer.total_steps == 4  # ceil(2.5 * 12 / 8)
+  cfg = config.copy_and_resolve_references()
+  cfg.num_epochs = 0.0
+  train.steps_from_epochs(cfg, sources)
+  assert cfg.total_steps == 200  # 0 = use total_steps as given
+  config.num_epochs = -1.0
+  with pytest.raises(ValueError, match=r"config.num_epochs=-1.0; expected a number >= 0"):
+    train.validate_config(config)
