@@ -56,7 +56,8 @@ DATA_SPLITS = ("train", "eval", "test")
 
 
 def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
-  """Makes the config's paths absolute in place: init_from, data.<split>, compilation_cache_dir, workdir."""
+  """Makes the config's paths absolute in place: init_from, data.<split>, the datasets evaluators name directly,
+  compilation_cache_dir, workdir."""
   with config.unlocked():
     if config.get("init_from"):
       config.init_from = absolute_path(config.init_from)
@@ -71,6 +72,12 @@ def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
         for split in DATA_SPLITS:
           if data.get(split):
             data[split] = _absolute_spec(data[split])
+    for ev in (config.get("evals") or {}).values():
+      for key in ("data", "fit"):  # a split name stays; a dataset given directly is a path
+        value = ev.get(key)
+        if value and not (isinstance(value, str) and value in DATA_SPLITS):
+          with ev.unlocked():
+            ev[key] = _absolute_spec(value)
 
 
 def data_spec(config: ml_collections.ConfigDict, split: str):
@@ -132,6 +139,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.data.test = ""                  # test split: evaluated once at the end, at the selected checkpoint
   c.data.max_tokens = 16            # T: clips are cropped / zero-padded to this many tokens (5 per second)
   c.data.worker_count = 0
+  c.data.normalization = "encoder"  # input statistics: encoder (init_from's, else dataset) | dataset | train | none
 
   # Evaluators by name (avt_jax/evaluators/<type>.py): "during" ones run every eval_every_steps and at the end,
   # the one with select=True picks the checkpoint; "final" ones run once, on that checkpoint.

@@ -24,6 +24,7 @@ A `.pt` input needs PyTorch installed; otherwise export it to `.npz` first (see 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -363,7 +364,8 @@ def check_output_free(output: str) -> str:
 def write_checkpoint(output: str, params, cfg, source: Optional[str] = None,
                      check_inputs: Optional[str] = None) -> str:
   """Writes the converted checkpoint (and check_outputs.npz) to a fresh local directory, all or nothing."""
-  from avt_jax import checkpointing, records  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, input_pipeline, records  # pylint: disable=g-import-not-at-top
+  from avt_jax import setup as setup_lib  # pylint: disable=g-import-not-at-top
   output = check_output_free(output)
   checks = _load_check_inputs(check_inputs, cfg) if check_inputs else None
   parent = os.path.dirname(output)
@@ -374,6 +376,9 @@ def write_checkpoint(output: str, params, cfg, source: Optional[str] = None,
     if source:
       config["converted_from"] = {"file": os.path.abspath(source), "sha256": records.file_sha256(source)}
     checkpointing.save_pretrained(tmp, params, config)
+    # The release feeds raw TRILL / action-unit features: a fine-tuning run from this encoder must not z-score them.
+    records.write_atomic(os.path.join(tmp, setup_lib.NORMALIZATION), json.dumps(
+        dict(input_pipeline.NO_NORMALIZATION, source="the release (raw TRILL / AU features)"), indent=1))
     if checks is not None:
       outs = forward(params, cfg, *checks)
       np.savez(os.path.join(tmp, "check_outputs.npz"), **outs)

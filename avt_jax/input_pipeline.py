@@ -487,6 +487,64 @@ def batch_shapes(geometry: Geometry, batch_size: int, max_tokens: int,
   return {k: ((batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in ex.items()}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Input normalisation: which statistics scale the inputs (and the face target).
+# --------------------------------------------------------------------------------------------------------------
+
+NO_NORMALIZATION = {"kind": "none"}
+
+
+def normalization_of(info: Mapping[str, Any], source: str = "dataset_info.json") -> dict[str, Any]:
+  """The statistics a dataset_info gives: audio mean/std per dimension; visual mean/std per dimension (features) or
+  the face target's scalar target_mean/target_std (raw). Modalities without statistics are left unscaled."""
+  a, v = info.get("audio", {}), info.get("visual", {})
+  audio = {k: a[k] for k in ("mean", "std") if k in a}
+  visual = {k: v[k] for k in ("mean", "std", "target_mean", "target_std") if k in v}
+  if info.get("kind") == "raw":
+    visual = {k: visual[k] for k in ("target_mean", "target_std") if k in visual}
+  else:
+    visual = {k: visual[k] for k in ("mean", "std") if k in visual}
+  return {"kind": "stats", "source": source, "audio": audio, "visual": visual}
+
+
+def compute_normalization(sources: Sequence[Any], source: str = "data.train") -> dict[str, Any]:
+  """The statistics of `sources`' clips as they are (filters applied): what normalization_of gives for a prepared
+  directory, computed over these clips only (e.g. a fold's training speakers). Population std, float64 sums."""
+  sums: dict[str, Any] = {}
+
+  def add(name, x):
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1]) if np.ndim(x) > 1 else np.asarray(x, np.float64)
+    n, s1, s2 = sums.get(name, (0, 0.0, 0.0))
+    sums[name] = (n + x.shape[0], s1 + x.sum(axis=0), s2 + (x * x).sum(axis=0))
+
+  geometry = None
+  for src in sources:
+    geometry = geometry or src.geometry
+    for i in range(len(src)):
+      ex = src[i]
+      add("audio", ex["audio"])
+      if geometry.kind == "raw":
+        t, kv, s = int(ex["num_tokens"]), geometry.visual_frames, geometry.visual_size
+        add("target", targets.face_target(ex["visual"].reshape(t, kv, s, s, 3), geometry.target_size).reshape(-1, 1))
+      else:
+        add("visual", ex["visual"])
+
+  def mean_std(name):
+    n, s1, s2 = sums[name]
+    mean = s1 / max(n, 1)
+    return mean, np.sqrt(np.maximum(s2 / max(n, 1) - mean * mean, 0.0))
+
+  am, astd = mean_std("audio")
+  out = {"kind": "stats", "source": source, "audio": {"mean": am.tolist(), "std": astd.tolist()}}
+  if geometry.kind == "raw":
+    tm, ts = mean_std("target")
+    out["visual"] = {"target_mean": float(tm[0]), "target_std": float(ts[0])}
+  else:
+    vm, vs = mean_std("visual")
+    out["visual"] = {"mean": vm.tolist(), "std": vs.tolist()}
+  return out
+
+
 class ClipTransform:
   """Record dict -> model example (crop/pad to `max_tokens`, normalise, targets, mask, zero padding).
 
@@ -498,7 +556,7 @@ class ClipTransform:
 
   def __init__(self, info: Mapping[str, Any], max_tokens: int, *, train: bool,
                augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = (),
-               keys: Sequence[str] = BATCH_KEYS):
+               keys: Sequence[str] = BATCH_KEYS, normalization: Mapping[str, Any] | None = None):
     if max_tokens < 1:
       raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     self.keys = tuple(_known_key(k) for k in keys)
@@ -508,24 +566,31 @@ class ClipTransform:
     self.max_tokens = int(max_tokens)
     self.train = train
     self.augmentations = tuple(augmentations)
-    self._audio_mean, self._audio_std = self._stats(info["audio"], "mean", "std", self.geometry.audio_dim)
+    # The statistics the inputs are scaled with: the dataset's own unless the run says otherwise (see
+    # `normalization_of`; a fine-tuning run uses its encoder's).
+    self.normalization = dict(normalization) if normalization is not None else normalization_of(info)
+    norm = self.normalization
+    where = norm.get("source", "dataset_info.json")
+    if norm.get("kind") == "none":
+      norm = {"audio": {}, "visual": {"target_mean": 0.0, "target_std": 1.0}}
+    self._audio_mean, self._audio_std = self._stats(norm["audio"], "mean", "std", self.geometry.audio_dim, where)
     if self.geometry.kind == "raw":
-      if "mean" not in info["audio"] or "target_mean" not in info["visual"]:
-        raise records.RecordError("dataset_info.json (raw kind): audio mean/std and visual target_mean/"
-                                  "target_std are required")
-      self._target_mean = np.float32(info["visual"]["target_mean"])
-      self._target_std = np.float32(max(float(info["visual"]["target_std"]), _STD_FLOOR))
+      if "target_mean" not in norm["visual"]:
+        raise records.RecordError(f"{where} (raw kind): visual target_mean/target_std are required")
+      self._target_mean = np.float32(norm["visual"]["target_mean"])
+      self._target_std = np.float32(max(float(norm["visual"]["target_std"]), _STD_FLOOR))
     else:
-      self._visual_mean, self._visual_std = self._stats(info["visual"], "mean", "std", self.geometry.visual_dim)
+      self._visual_mean, self._visual_std = self._stats(norm["visual"], "mean", "std", self.geometry.visual_dim,
+                                                        where)
 
   @staticmethod
-  def _stats(mod: Mapping[str, Any], mkey: str, skey: str, dim: int):
+  def _stats(mod: Mapping[str, Any], mkey: str, skey: str, dim: int, where: str = "dataset_info.json"):
     """Per-dimension mean/std (identity if the modality has none)."""
     if mkey not in mod:
       return np.zeros((dim,), np.float32), np.ones((dim,), np.float32)
     mean, std = np.asarray(mod[mkey], np.float32), np.asarray(mod[skey], np.float32)
     if mean.shape != (dim,) or std.shape != (dim,):
-      raise records.RecordError(f"dataset_info.json: {mkey}/{skey} have shapes {mean.shape}/{std.shape}, "
+      raise records.RecordError(f"{where}: {mkey}/{skey} have shapes {mean.shape}/{std.shape}, "
                                 f"expected ({dim},)")
     return mean, np.maximum(std, _STD_FLOOR)
 
@@ -621,7 +686,8 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
                  num_epochs: int | None = None, worker_count: int = 0, mixture: Sequence[float] | None = None,
                  augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = (),
                  batch_transform: Callable[[dict, np.random.Generator], dict] | None = None,
-                 keys: Sequence[str] = BATCH_KEYS) -> grain.IterDataset:
+                 keys: Sequence[str] = BATCH_KEYS, normalization: Mapping[str, Any] | None = None
+                 ) -> grain.IterDataset:
   """Builds the Grain dataset of batches (docs/data_format.md) for this process.
 
   Args:
@@ -643,6 +709,8 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     batch_transform: optional picklable `fn(batch, rng) -> batch` applied to every numpy batch in the
       consuming process (e.g. span masking); rng is a numpy Generator, deterministic and checkpointed.
     keys: the batch keys to build (a task's `batch_keys`); reconstruction targets are computed only if asked for.
+    normalization: the statistics that scale the inputs (`normalization_of`, `compute_normalization` or
+      NO_NORMALIZATION); default: the first source's dataset_info.
 
   Returns:
     A grain IterDataset; `iter(ds)` gives a checkpointable iterator of dicts of numpy arrays.
@@ -664,7 +732,8 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     if len(s) == 0:
       raise ValueError(f"dataset {s.name!r} has no clips (after filtering)")
   train = split == "train"
-  transform = ClipTransform(sources[0].info, max_tokens, train=train, augmentations=augmentations, keys=keys)
+  transform = ClipTransform(sources[0].info, max_tokens, train=train, augmentations=augmentations, keys=keys,
+                            normalization=normalization)
 
   if train:
     parts = []

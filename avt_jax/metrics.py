@@ -20,7 +20,7 @@ Counts are float32: integer counts stay exact up to 2**24 per confusion-matrix c
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
 import flax
 import jax

@@ -288,6 +288,9 @@ class Predictor:
                                  mesh=sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]),
                                  batch_size=self.batch_size, max_tokens=self.window)
     self.keys = self.setup.task.batch_keys
+    # The inputs are scaled as in the run's training and evaluation (runs from before normalization.json: the
+    # training data's statistics, as they were then).
+    self.normalization = setup_lib.saved_normalization(workdir)
     self.transform = self._transform(self.window)
     try:
       self.params = self.setup.restore_params(self.params_dir)
@@ -301,7 +304,8 @@ class Predictor:
     from avt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     cache = self.__dict__.setdefault("_transforms", {})
     if length not in cache:
-      cache[length] = input_pipeline.ClipTransform(self.info, length, train=False, keys=self.keys)
+      cache[length] = input_pipeline.ClipTransform(self.info, length, train=False, keys=self.keys,
+                                                   normalization=self.normalization)
     return cache[length]
 
   def _run_model(self, examples: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:

@@ -13,7 +13,6 @@ import os
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
-import numpy as np
 from array_record.python import array_record_module
 from flax import serialization
 

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from flax import linen as nn
 
-from avt_jax import checkpointing, input_pipeline, optim, sharding, tasks
+from avt_jax import checkpointing, input_pipeline, optim, records, sharding, tasks
 from avt_jax.models import avt
 
 
@@ -82,6 +82,70 @@ def warn_model_differences(init_from: str, model_cfg) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Input normalisation carried with the encoder.
+
+NORMALIZATION = "normalization.json"
+NORMALIZATION_MODES = ("encoder", "dataset", "train", "none")
+
+
+def saved_normalization(path: str) -> dict[str, Any] | None:
+  """The normalization.json of the run `path` belongs to: the run directory, or its checkpoints/, best/ or one
+  checkpoint step inside them (never a directory above the run)."""
+  d = epath.Path(path)
+  for _ in range(4):
+    f = d / NORMALIZATION
+    if f.exists():
+      return records.read_json(f, "normalisation record", object_only=True)
+    if not (d.name.isdigit() or d.name in ("checkpoints", "best")):
+      return None
+    d = d.parent
+  return None
+
+
+def resolve_normalization(config, sources, workdir: str | None = None) -> dict[str, Any]:
+  """The statistics this run scales its inputs with (written to <workdir>/normalization.json by the trainer).
+
+  A resumed run keeps its own. Otherwise config.data.normalization: 'encoder' (default) takes those of the encoder
+  in config.init_from (a converted release checkpoint says 'none': raw TRILL / AU features), else the dataset's;
+  'dataset' the prepared directory's statistics (over all its clips); 'train' computed over data.train's clips only
+  (a fold's training speakers); 'none' leaves the inputs as stored. A choice that differs from the encoder's is
+  logged.
+  """
+  own = epath.Path(workdir) / NORMALIZATION if workdir else None
+  if own is not None and own.exists():  # a resumed run keeps the scale its checkpoints were trained with
+    return records.read_json(own, "normalisation record", object_only=True)
+  mode = config.data.get("normalization", "encoder") or "encoder"
+  if mode not in NORMALIZATION_MODES:
+    raise ValueError(f"config.data.normalization={mode!r}; expected one of {NORMALIZATION_MODES}")
+  init_from = config.get("init_from", "")
+  encoder = saved_normalization(init_from) if init_from else None
+  if mode == "encoder":
+    if encoder is not None:
+      logging.info("inputs normalised as the encoder of %s was trained (%s)", init_from,
+                   encoder.get("source", encoder.get("kind")))
+      return encoder
+    if init_from:
+      logging.warning("%s has no %s (a run from before it was recorded): the inputs are normalised with the "
+                      "dataset's statistics", init_from, NORMALIZATION)
+    mode = "dataset"
+  if mode == "dataset":
+    out = input_pipeline.normalization_of(sources[0].info, f"{sources[0].name}/{records.DATASET_INFO}")
+  elif mode == "train":
+    out = input_pipeline.compute_normalization(sources, "data.train clips")
+  else:
+    out = dict(input_pipeline.NO_NORMALIZATION)
+  if encoder is not None and _stats_only(encoder) != _stats_only(out):
+    logging.warning("inputs normalised with %s (config.data.normalization=%r), not as the encoder of %s was "
+                    "trained (%s)", out.get("source", out["kind"]), mode, init_from,
+                    encoder.get("source", encoder.get("kind")))
+  return out
+
+
+def _stats_only(norm: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in norm.items() if k != "source"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The setup.
 
 
@@ -108,6 +172,7 @@ class Setup:
   state_shardings: Any = None
   tx: optax.GradientTransformation | None = None
   schedule: Callable | None = None
+  normalization: dict[str, Any] | None = None  # None: each dataset's own statistics
   _init: Callable | None = None
 
   @property

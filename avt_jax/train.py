@@ -148,27 +148,36 @@ def check_resume(config, saved: Mapping[str, Any], saved_path: str, stored_proce
 # Input.
 
 
-def _eval_splits(config) -> list[str]:
-  used = {ev["data"] for ev in evaluators.configs(config).values()}
-  return [s for s in config_lib.DATA_SPLITS if s in used and s != "train"]
+def _eval_specs(config, skip_train: bool = True) -> list[tuple[str, Any]]:
+  """(name for messages, dataset spec) of every dataset the evaluators read (data.train excepted: it is opened
+  for training)."""
+  out: dict[str, Any] = {}
+  for name, ev in evaluators.configs(config).items():
+    for key in ("data", "fit"):
+      value = ev.get(key)
+      if not value or (skip_train and value == "train"):
+        continue
+      split = isinstance(value, str) and value in config_lib.DATA_SPLITS
+      out.setdefault(f"data.{value}" if split else f"evals.{name}.{key}", evaluators.data_spec(config, value))
+  return list(out.items())
 
 
-def _check_fits(split: str, sources, g, reference: str, ref_sources, geometry) -> None:
+def _check_fits(label: str, sources, g, reference: str, ref_sources, geometry) -> None:
   if g != geometry:
     diff = [f"{f.name}: {getattr(geometry, f.name)} ({reference}) vs {getattr(g, f.name)}"
             for f in dataclasses.fields(g) if getattr(geometry, f.name) != getattr(g, f.name)]
-    raise ValueError(f"data.{split} ({', '.join(s.name for s in sources)}) does not fit {reference} "
+    raise ValueError(f"{label} ({', '.join(s.name for s in sources)}) does not fit {reference} "
                      f"({', '.join(s.name for s in ref_sources)}): " + "; ".join(diff))
 
 
 def open_eval_sources(config, train_sources, geometry: input_pipeline.Geometry) -> None:
-  """Opens the evaluators' splits before the first step: every source is read, and fits the training data."""
-  for split in _eval_splits(config):
-    sources, g = input_pipeline.open_sources(config_lib.data_spec(config, split))
-    _check_fits(split, sources, g, "data.train", train_sources, geometry)
+  """Opens the evaluators' data before the first step: every source is read, and fits the training data."""
+  for label, spec in _eval_specs(config):
+    sources, g = input_pipeline.open_sources(spec)
+    _check_fits(label, sources, g, "data.train", train_sources, geometry)
     for source in sources:
       if not len(source):
-        raise ValueError(f"data.{split}: {source.name} has no clips (after filtering)")
+        raise ValueError(f"{label}: {source.name} has no clips (after filtering)")
       source[0]  # pylint: disable=pointless-statement  (decodes and checks one record now, not at step N)
 
 
@@ -317,10 +326,12 @@ class Progress:
     return f"{rate:.2f} steps/s, ETA {int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
 
 
-def _write_config(wd: epath.Path, config) -> None:
-  # Only once the restore has succeeded: config.json always describes the model the checkpoints hold.
+def _write_config(wd: epath.Path, config, normalization: Mapping[str, Any]) -> None:
+  # Only once the restore has succeeded: config.json always describes the model the checkpoints hold, and
+  # normalization.json the input scale its encoder expects (a fine-tuning run from it reads this file).
   if jax.process_index() == 0:
     records.write_atomic(wd / "config.json", json.dumps(config.to_dict(), indent=2, default=str))
+    records.write_atomic(wd / setup_lib.NORMALIZATION, json.dumps(dict(normalization), indent=1))
 
 
 def _prepare(config, workdir: str) -> tuple[ml_collections.ConfigDict, epath.Path, jax.sharding.Mesh]:
@@ -347,17 +358,17 @@ def _prepare(config, workdir: str) -> tuple[ml_collections.ConfigDict, epath.Pat
 
 
 def evaluate_only(config, wd: epath.Path, mesh) -> dict[str, Any]:
-  splits = _eval_splits(config)
-  opened = [(s, *input_pipeline.open_sources(config_lib.data_spec(config, s))) for s in splits]
+  opened = [(label, *input_pipeline.open_sources(spec)) for label, spec in _eval_specs(config, skip_train=False)]
   first, first_sources, geometry = opened[0]
-  for split, sources, g in opened[1:]:
-    _check_fits(split, sources, g, f"data.{first}", first_sources, geometry)
+  for label, sources, g in opened[1:]:
+    _check_fits(label, sources, g, first, first_sources, geometry)
   setup = setup_lib.build(config, geometry, mesh=mesh, optimizer=False)
+  setup.normalization = setup_lib.resolve_normalization(config, first_sources)
   evals = evaluators.build(config, setup)
   # init_from's best/ (else its newest checkpoint); a checkpoint in the workdir itself is never read.
   logging.info("evaluating %s", config.init_from)
   params = setup.restore_params(config.init_from, prefer_best=True)
-  _write_config(wd, config)
+  _write_config(wd, config, setup.normalization)
   writer = writers.make_writer(os.fspath(wd))
   result = {}
   for name, ev in evals.items():
@@ -387,6 +398,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # --- Task, model, optimizer, sharded state, evaluators.
   setup = setup_lib.build(config, geometry, mesh=mesh)
+  setup.normalization = setup_lib.resolve_normalization(config, train_sources, workdir)
   task = setup.task
   table, n_params = costs.param_table(setup.abstract_params)
   logging.info("%s task, parameters (%d):\n%s", task.name, n_params, table)
@@ -414,7 +426,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   manager.close()
   train_ds = input_pipeline.make_dataset(
       config_lib.data_spec(config, "train"), split="train", global_batch_size=config.batch_size, seed=config.seed,
-      max_tokens=config.data.max_tokens, worker_count=config.data.get("worker_count", 0), keys=task.batch_keys)
+      max_tokens=config.data.max_tokens, worker_count=config.data.get("worker_count", 0), keys=task.batch_keys,
+      normalization=setup.normalization)
   train_iter = iter(train_ds)
 
   def position(step):
@@ -426,7 +439,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   with setup.scope():
     manager, _, state = setup.initial_state(make_manager, train_iter, position)
-    _write_config(wd, config)
+    _write_config(wd, config, setup.normalization)
     start = int(jax.device_get(state["step"]))
     writers.drop_metrics_after(workdir, start)
     best = checkpointing.BestCheckpoint(workdir, *task.selection())

@@ -51,7 +51,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -645,7 +645,8 @@ def predict_run(run_dir: str) -> dict[str, np.ndarray]:
   # The labels and targets come along with the task's own keys, for the plots.
   keys = tuple(dict.fromkeys(setup.task.batch_keys + ("label", "targets", "weight")))
   ds = input_pipeline.make_dataset(spec, split="eval", global_batch_size=bs, seed=0, max_tokens=setup.max_tokens,
-                                   process_index=0, process_count=1, keys=keys)
+                                   process_index=0, process_count=1, keys=keys,
+                                   normalization=setup_lib.saved_normalization(run_dir))
   outs, labels, targets, weights = [], [], [], []
   with setup.scope():
     for batch in ds:

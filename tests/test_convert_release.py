@@ -494,6 +494,60 @@ def test_cli_end_to_end_and_finetune_restore(tmp_path):
   out = jax.jit(model.apply)({"params": {"encoder": enc, "head": head}}, batch)
   assert_close(out["features"], want["features"])
 
+  # Its input scale: none. A fine-tuning run from it (default config.data.normalization='encoder') feeds the
+  # features as stored, not z-scored with the dataset's statistics: checked on the batch the model would see.
+  from avt_jax import config_lib, input_pipeline  # pylint: disable=g-import-not-at-top
+  from avt_jax import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  assert json.loads((out_dir / "normalization.json").read_text())["kind"] == "none"
+  ft = config_lib.base_config("finetune")
+  ft.init_from = str(out_dir)
+  sources, _ = input_pipeline.open_sources(config_lib.SYNTH)  # features kind, with statistics in its info
+  norm = setup_lib.resolve_normalization(ft, sources)
+  assert norm["kind"] == "none"
+  seen = next(iter(input_pipeline.make_dataset(config_lib.SYNTH, split="eval", global_batch_size=2, seed=0,
+                                               max_tokens=8, process_index=0, process_count=1, normalization=norm)))
+  record = sources[0][0]
+  n = min(int(record["num_tokens"]), 8)
+  np.testing.assert_array_equal(seen["audio"][0, :n], record["audio"][:n])
+  np.testing.assert_array_equal(seen["visual"][0, :n], record["visual"][:n])
+  zscored = next(iter(input_pipeline.make_dataset(config_lib.SYNTH, split="eval", global_batch_size=2, seed=0,
+                                                  max_tokens=8, process_index=0, process_count=1)))
+  assert not np.allclose(zscored["audio"][0, :n], record["audio"][:n])  # the dataset default would rescale
+
+
+  # Encoder features through the training input pipeline (python -m avt_jax.embed) on a features dataset that
+  # data.prepare built from .npy (512-d) + OpenFace .csv files equal the converted model's forward on the arrays.
+  from avt_jax import embed as embed_lib  # pylint: disable=g-import-not-at-top
+  from data import prepare  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(10)
+  src = tmp_path / "features_src"
+  (src / "audio").mkdir(parents=True)
+  (src / "openface").mkdir()
+  arrays = {}
+  for stem, tokens in (("clip_a", 9), ("clip_b", 6)):
+    a_feat, _ = random_inputs(rng, 1, tokens)
+    np.save(src / "audio" / f"{stem}.npy", a_feat[0])
+    aus = rng.uniform(0.1, 5.0, (tokens * 5, 17)).round(2)  # 25 fps rows, 5 per token
+    names = [f"{au}_r" for au in ("AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14",
+                                   "AU15", "AU17", "AU20", "AU23", "AU25", "AU26", "AU45")]
+    with open(src / "openface" / f"{stem}.csv", "w") as f:
+      f.write(", ".join(["frame", "timestamp", "confidence", "success"] + names) + "\n")
+      for i, row in enumerate(aus):
+        f.write(", ".join([str(i + 1), f"{i * 0.04:.2f}", "0.9", "1"] + [str(x) for x in row]) + "\n")
+    arrays[stem] = a_feat[0]
+  prepared = tmp_path / "features_prepared"
+  prepare.prepare(prepare.PrepareOptions(input=str(src), output=str(prepared), kind="features", progress=False))
+  got = embed_lib.embed(str(out_dir), str(prepared), batch_size=2, max_tokens=12)
+  assert got["features"].shape == (2, 12, 32) and got["features"].dtype == np.float32
+  recs = {r["clip_id"]: r for r in (input_pipeline.open_sources(str(prepared))[0][0][i] for i in range(2))}
+  for i, clip_id in enumerate(got["clip_ids"]):
+    rec = recs[str(clip_id)]
+    n = int(rec["num_tokens"])
+    np.testing.assert_array_equal(rec["audio"], arrays[str(clip_id)][:n])
+    want_h = cr.forward(params, cfg, rec["audio"][None], rec["visual"][None])["features"][0]
+    assert got["mask"][i].sum() == n and not got["features"][i, n:].any()
+    np.testing.assert_allclose(got["features"][i, :n], want_h, atol=1e-5)
+
 
 def test_cli_refuses_existing_output_and_leaves_it_alone(tmp_path):
   np.savez(tmp_path / "small.npz", **small_state_dict())
@@ -523,7 +577,7 @@ def test_cli_relative_paths_from_another_directory(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   out = tmp_path / "ckpt" / "small"
   assert f"-> {out}" in res.stdout and f"wrote {out / 'check_outputs.npz'}" in res.stdout
-  assert sorted(os.listdir(out)) == ["check_outputs.npz", "checkpoints", "config.json"]
+  assert sorted(os.listdir(out)) == ["check_outputs.npz", "checkpoints", "config.json", "normalization.json"]
   assert json.loads((out / "config.json").read_text())["converted_from"]["file"] == str(tmp_path / "small.npz")
   assert os.listdir(tmp_path / "ckpt") == ["small"]  # the temporary sibling was renamed, nothing left over
 
@@ -537,7 +591,9 @@ def test_cli_interrupted_after_the_checkpoint_leaves_no_output(tmp_path, sig):
   (tmp_path / "keep.txt").write_text("precious")
   proc = subprocess.Popen([sys.executable, "-m", "avt_jax.convert_release", "--input=small.npz",
                            "--output=converted", "--num_heads=2", "--check=inputs.npz"], cwd=tmp_path, env=CLI_ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          # A job started in the background inherits SIGINT ignored; a user's Ctrl-C is not.
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   deadline = time.monotonic() + 240
   while proc.poll() is None and not glob.glob(str(tmp_path / "converted.tmp-*" / "config.json")):
     assert time.monotonic() < deadline, "the converter never wrote its temporary config.json"

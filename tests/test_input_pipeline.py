@@ -596,3 +596,27 @@ def test_malformed_dataset_info_and_manifest_name_path_and_line(raw_dir, tmp_pat
     f.write("\n".join(lines) + "\n")
   with pytest.raises(records.RecordError, match=rf"^{manifest}:4: "):
     ip.open_sources({"path": root, "where": {"speaker": ["s0"]}})
+
+
+def test_normalisation_over_the_clips_equals_the_prepared_statistics():
+  # compute_normalization over every clip of a prepared directory reproduces what data.prepare stored (an
+  # independent computation: float64 sums during preparation, rounded in dataset_info.json).
+  from avt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  sources, _ = ip.open_sources(config_lib.SAMPLE)
+  stored, computed = ip.normalization_of(sources[0].info), ip.compute_normalization(sources)
+  np.testing.assert_allclose(computed["audio"]["mean"], stored["audio"]["mean"], atol=1e-5)
+  np.testing.assert_allclose(computed["audio"]["std"], stored["audio"]["std"], atol=1e-5)
+  for k in ("target_mean", "target_std"):
+    assert computed["visual"][k] == pytest.approx(stored["visual"][k], abs=1e-5)
+  # A filter changes the statistics: only the kept clips count.
+  crema, _ = ip.open_sources({"path": config_lib.SAMPLE, "where": {"dataset": ["crema_d"]}})
+  assert ip.compute_normalization(crema)["visual"]["target_mean"] != pytest.approx(stored["visual"]["target_mean"],
+                                                                                  abs=1e-4)
+  # The transform uses what it is given, and says so in its errors.
+  record = sources[0][0]
+  plain = ip.ClipTransform(sources[0].info, 4, train=False, normalization=ip.NO_NORMALIZATION)(record)
+  np.testing.assert_allclose(plain["audio"][:4], record["audio"][:4 * 20].reshape(4, 20, -1), atol=0)
+  with pytest.raises(records.RecordError, match=r"^x.json \(raw kind\): visual target_mean"):
+    ip.ClipTransform(sources[0].info, 4, train=False, normalization={"kind": "stats", "source": "x.json",
+                                                                     "audio": {}, "visual": {}})
+

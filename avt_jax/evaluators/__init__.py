@@ -1,7 +1,7 @@
 """Evaluators, one per file, built by name from `config.evals`.
 
-`config.evals` maps a name to {"type": <module in this package>, "data": <split of config.data>, "when":
-"during" | "final", ...}. The name prefixes the metrics ("eval/accuracy"); "during" evaluators run every
+`config.evals` maps a name to {"type": <module in this package>, "data": <split of config.data (train, eval,
+test) or a dataset spec>, "when": "during" | "final", ...}. The name prefixes the metrics ("eval/accuracy"); "during" evaluators run every
 config.eval_every_steps steps and at the last step, "final" ones once at the end, on the checkpoint selected by the
 evaluator with "select": True. An evaluator whose split of config.data is empty is left out.
 
@@ -14,7 +14,17 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
+from avt_jax import config_lib
+
 WHEN = ("during", "final")
+
+
+def data_spec(config, value):
+  """The dataset spec an evaluator's `data` (or another data field) names: a split of config.data with its filter,
+  or a dataset spec given directly (a path, 'tfds:...', a mapping or a list)."""
+  if isinstance(value, str) and value in config_lib.DATA_SPLITS:
+    return config_lib.data_spec(config, value)
+  return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def configs(config) -> dict[str, dict[str, Any]]:
@@ -23,20 +33,20 @@ def configs(config) -> dict[str, dict[str, Any]]:
   selecting = []
   for name, ev in (config.get("evals") or {}).items():
     ev = dict(ev.to_dict() if hasattr(ev, "to_dict") else ev)
-    for key in ("type", "data"):
-      if not isinstance(ev.get(key), str) or not ev[key]:
-        raise ValueError(f"config.evals.{name}.{key}={ev.get(key)!r}; expected a non-empty string")
+    if not isinstance(ev.get("type"), str) or not ev["type"]:
+      raise ValueError(f"config.evals.{name}.type={ev.get('type')!r}; expected the name of a module of "
+                       "avt_jax/evaluators")
+    if not ev.get("data"):
+      raise ValueError(f"config.evals.{name}.data={ev.get('data')!r}; expected a split of config.data (train, eval, "
+                       "test) or a dataset spec")
     if ev.get("when", "during") not in WHEN:
       raise ValueError(f"config.evals.{name}.when={ev.get('when')!r}; expected one of {WHEN}")
-    if ev["data"] not in ("train", "eval", "test"):
-      raise ValueError(f"config.evals.{name}.data={ev['data']!r}; expected a split of config.data: train, eval "
-                       "or test")
     if ev.get("select"):
       selecting.append(name)
       if ev.get("when", "during") != "during":
         raise ValueError(f"config.evals.{name}: the evaluator that selects the checkpoint must run during "
                          "training (when='during')")
-    if config.data.get(ev["data"]):
+    if data_spec(config, ev["data"]):  # an empty split of config.data leaves its evaluators out
       out[name] = ev
   if len(selecting) > 1:
     raise ValueError(f"config.evals: {selecting} all have select=True; at most one evaluator selects the checkpoint")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import jax
 
-from avt_jax import config_lib, input_pipeline, sharding
+from avt_jax import input_pipeline, sharding
+from avt_jax.evaluators import data_spec
 from avt_jax.tasks.base import merge_stats
 
 
@@ -17,7 +18,7 @@ class Evaluator:
   def __init__(self, name: str, eval_config, setup):
     self.name, self.config, self.setup = name, dict(eval_config), setup
     run_config = setup.config
-    self.spec = config_lib.data_spec(run_config, self.config["data"])
+    self.spec = data_spec(run_config, self.config["data"])
     self.batch_size = int(self.config.get("batch_size") or run_config.get("eval_batch_size", run_config.batch_size))
     self.seed = int(run_config.seed)
     task = setup.task
@@ -28,7 +29,8 @@ class Evaluator:
   def run(self, params, max_batches: int = 0) -> dict[str, float]:
     setup = self.setup
     ds = input_pipeline.make_dataset(self.spec, split="eval", global_batch_size=self.batch_size, seed=self.seed,
-                                     max_tokens=setup.max_tokens, worker_count=0, keys=setup.task.batch_keys)
+                                     max_tokens=setup.max_tokens, worker_count=0, keys=setup.task.batch_keys,
+                                     normalization=setup.normalization)
     rng = jax.random.key(self.seed + 1)
     stats = None
     with setup.scope():
