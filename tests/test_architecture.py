@@ -12,7 +12,8 @@ from avt_jax import config_lib
 REPO = config_lib.REPO
 PACKAGES = ("avt_jax", "data", "launch", "bench")
 # Command-line programs inside the package: they use the library, nothing in the library uses them.
-TOOLS = {"avt_jax.main", "avt_jax.predict", "avt_jax.summary", "avt_jax.bench", "avt_jax.convert_release"}
+TOOLS = {"avt_jax.main", "avt_jax.predict", "avt_jax.summary", "avt_jax.bench", "avt_jax.convert_release",
+         "avt_jax.embed"}
 # The clip extraction of dataset preparation, which predict runs on new videos (the same code made the records).
 EXTRACTION = {"data.extract", "data.face", "data.logmel", "data.media"}
 
