@@ -498,13 +498,9 @@ def normalization_of(info: Mapping[str, Any], source: str = "dataset_info.json")
   """The statistics a dataset_info gives: audio mean/std per dimension; visual mean/std per dimension (features) or
   the face target's scalar target_mean/target_std (raw). Modalities without statistics are left unscaled."""
   a, v = info.get("audio", {}), info.get("visual", {})
-  audio = {k: a[k] for k in ("mean", "std") if k in a}
-  visual = {k: v[k] for k in ("mean", "std", "target_mean", "target_std") if k in v}
-  if info.get("kind") == "raw":
-    visual = {k: visual[k] for k in ("target_mean", "target_std") if k in visual}
-  else:
-    visual = {k: visual[k] for k in ("mean", "std") if k in visual}
-  return {"kind": "stats", "source": source, "audio": audio, "visual": visual}
+  visual_keys = ("target_mean", "target_std") if info.get("kind") == "raw" else ("mean", "std")
+  return {"kind": "stats", "source": source, "audio": {k: a[k] for k in ("mean", "std") if k in a},
+          "visual": {k: v[k] for k in visual_keys if k in v}}
 
 
 def compute_normalization(sources: Sequence[Any], source: str = "data.train") -> dict[str, Any]:
@@ -573,10 +569,11 @@ class ClipTransform:
     where = norm.get("source", "dataset_info.json")
     if norm.get("kind") == "none":
       norm = {"audio": {}, "visual": {"target_mean": 0.0, "target_std": 1.0}}
+    elif self.geometry.kind == "raw" and ("mean" not in norm["audio"] or "target_mean" not in norm["visual"]):
+      raise records.RecordError(f"{where} (raw kind): audio mean/std and visual target_mean/target_std are "
+                                "required")
     self._audio_mean, self._audio_std = self._stats(norm["audio"], "mean", "std", self.geometry.audio_dim, where)
     if self.geometry.kind == "raw":
-      if "target_mean" not in norm["visual"]:
-        raise records.RecordError(f"{where} (raw kind): visual target_mean/target_std are required")
       self._target_mean = np.float32(norm["visual"]["target_mean"])
       self._target_std = np.float32(max(float(norm["visual"]["target_std"]), _STD_FLOOR))
     else:

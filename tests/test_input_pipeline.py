@@ -616,7 +616,8 @@ def test_normalisation_over_the_clips_equals_the_prepared_statistics():
   record = sources[0][0]
   plain = ip.ClipTransform(sources[0].info, 4, train=False, normalization=ip.NO_NORMALIZATION)(record)
   np.testing.assert_allclose(plain["audio"][:4], record["audio"][:4 * 20].reshape(4, 20, -1), atol=0)
-  with pytest.raises(records.RecordError, match=r"^x.json \(raw kind\): visual target_mean"):
+  with pytest.raises(records.RecordError,
+                     match=r"^x.json \(raw kind\): audio mean/std and visual target_mean"):
     ip.ClipTransform(sources[0].info, 4, train=False, normalization={"kind": "stats", "source": "x.json",
                                                                      "audio": {}, "visual": {}})
 
