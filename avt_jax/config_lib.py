@@ -13,6 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "sample", "prepared")
 # The synthetic audio-visual benchmark (written by `python -m data.synth`, see README).
 SYNTH = os.path.join(REPO, "sample", "avt_synth")
+# Its v2 ("nonlinear views"): generated, not committed (`python -m data.synth --version=2 --output=<this>`; the
+# sweep configs/sweeps/synth_v2.py writes it when it is missing).
+SYNTH_V2 = os.path.join(REPO, "sample", "avt_synth_v2")
 
 
 def from_json(value: Any) -> Any:

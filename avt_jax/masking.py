@@ -96,3 +96,39 @@ def pretrain_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Arra
   la, n = masked_l1(outputs["recon_audio"], batch["audio_target"], plan.selected, weight)
   lv, _ = masked_l1(outputs["recon_visual"], batch["visual_target"], plan.selected, weight)
   return la + lv, {"l1_audio": la, "l1_visual": lv, "masked_frames": n}
+
+
+def zeroed_frame_l1(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], plan: MaskPlan
+                    ) -> dict[str, jax.Array]:
+  """Summed L1 (audio + visual, each a mean over feature dims) on the zeroed frames only, for the model and for
+  two predictors that read the same masked clip; the sums and the frame count merge over batches.
+
+  The training loss also scores the kept and randomly replaced frames (20% of the selected ones), where the input
+  itself (or nothing) is the answer; the zeroed frames are the ones whose content the model has to infer. The
+  predictors: `past_mean`, the mean of the clip's earlier visible frames (what a causal model can use; the clip
+  mean where no earlier frame is visible), and `clip_mean`, the mean of all visible frames of the clip. Visible =
+  valid and neither zeroed nor replaced. A model that does not beat `past_mean` has not learned to reconstruct.
+  """
+  weight = batch.get("weight")
+  zeroed = (plan.selected & (plan.action == ZERO)).astype(jnp.float32)
+  if weight is not None:
+    zeroed = zeroed * weight[:, None].astype(jnp.float32)
+  visible = (batch["mask"].astype(bool) & ~(plan.selected & (plan.action != KEEP))).astype(jnp.float32)
+  out = {"model": 0.0, "past_mean": 0.0, "clip_mean": 0.0}
+  for modality in ("audio", "visual"):
+    target = batch[f"{modality}_target"].astype(jnp.float32)
+    target = target.reshape(target.shape[:2] + (-1,))                      # [B, T, D] (faces flattened)
+    pred = outputs[f"recon_{modality}"].astype(jnp.float32).reshape(target.shape)
+    seen = target * visible[..., None]
+    count = visible.sum(axis=1)                                            # [B]
+    clip_mean = seen.sum(axis=1) / jnp.maximum(count, 1.0)[:, None]        # [B, D]
+    # Mean of the visible frames strictly before t: exclusive cumulative sums.
+    past_sum = jnp.cumsum(seen, axis=1) - seen
+    past_count = jnp.cumsum(visible, axis=1) - visible
+    past_mean = jnp.where(past_count[..., None] > 0, past_sum / jnp.maximum(past_count, 1.0)[..., None],
+                          clip_mean[:, None, :])
+    for name, guess in (("model", pred), ("past_mean", past_mean), ("clip_mean", clip_mean[:, None, :])):
+      err = jnp.abs(guess - target).mean(axis=-1)
+      out[name] = out[name] + (err * zeroed).sum()
+  out["frames"] = zeroed.sum()
+  return out

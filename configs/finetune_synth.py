@@ -5,8 +5,8 @@
 
 Default data: fold 0 of data/folds/avt_synth.json (train / validation / test speakers disjoint); the sweeps in
 configs/sweeps/ replace the filters per fold and label fraction. Variants: '' (classification), 'regression'
-(arousal + valence, CCC), 'tiny' and 'regression_tiny' (seconds, for tests). The model block must match
-configs/pretrain_synth.py.
+(arousal + valence, CCC), 'tiny' and 'regression_tiny' (seconds, for tests), 'v2' (classification on avt_synth_v2,
+fold 0 of data/folds/avt_synth_v2.json). The model block must match configs/pretrain_synth.py.
 """
 
 import json
@@ -16,11 +16,12 @@ from avt_jax import config_lib
 
 SYNTH_MODEL = dict(size="custom", width=64, num_heads=4, num_layers=2)
 FOLDS = os.path.join(config_lib.REPO, "data", "folds", "avt_synth.json")
+FOLDS_V2 = os.path.join(config_lib.REPO, "data", "folds", "avt_synth_v2.json")
 
 
-def fold_filters(fold: int = 0) -> dict:
+def fold_filters(fold: int = 0, folds_file: str = FOLDS) -> dict:
   """config.data.<split>_filter of a fold of data/folds/avt_synth.json (tuples inside)."""
-  with open(FOLDS) as f:
+  with open(folds_file) as f:
     spec = json.load(f)
   one = spec["folds"][fold]
   return {f"{key}_filter": {"where": {spec["field"]: tuple(one[split])}}
@@ -28,7 +29,7 @@ def fold_filters(fold: int = 0) -> dict:
 
 
 def get_config(arg: str = ""):
-  variants = ("", "tiny", "regression", "regression_tiny")
+  variants = ("", "tiny", "regression", "regression_tiny", "v2")
   if arg not in variants:
     raise ValueError(f"unknown variant {arg!r} of configs/finetune_synth.py; expected one of {variants}")
   c = config_lib.base_config("finetune")
@@ -45,8 +46,8 @@ def get_config(arg: str = ""):
     c.task = "classification"
     c.model.num_classes = 6
     c.select_metric = "accuracy"
-  c.data.train = c.data.eval = c.data.test = config_lib.SYNTH
-  for key, value in fold_filters(0).items():
+  c.data.train = c.data.eval = c.data.test = config_lib.SYNTH_V2 if arg == "v2" else config_lib.SYNTH
+  for key, value in fold_filters(0, FOLDS_V2 if arg == "v2" else FOLDS).items():
     c.data[key] = value
   c.data.max_tokens = 16
   c.batch_size = 16

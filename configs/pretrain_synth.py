@@ -30,6 +30,19 @@ def get_config(arg: str = ""):
   c.keep_checkpoints = 1
   c.optimizer.lr = 1e-3
   c.masking.ratio = 0.05               # as released: ceil(5% of the length) spans of 3 tokens
+  if arg == "v2":
+    v2 = config_lib.SYNTH_V2
+    c.data.train = os.path.join(v2, "pretrain")
+    c.data.eval = os.path.join(v2, "pretrain_val")
+    c.total_steps = 1200
+    c.eval_every_steps = 200
+    c.eval_batch_size = 100
+    held = [f"synthval_s{s:02d}" for s in range(10)]
+    c.evals.eval.select = False        # the fine-tuning arm takes the last checkpoint, as for v1
+    c.evals.probe = dict(type="linear_probe", when="during", target="label",
+                         fit={"path": c.data.eval, "where": {"speaker": tuple(held[:5])}},
+                         data={"path": c.data.eval, "where": {"speaker": tuple(held[5:])}})
+    return c
   if arg == "tiny":
     c.model.update(dict(width=32, num_heads=2, num_layers=1))
     c.batch_size = 8
@@ -38,5 +51,5 @@ def get_config(arg: str = ""):
     c.checkpoint_every_steps = 2
     return c
   if arg:
-    raise ValueError(f"unknown variant {arg!r} of configs/pretrain_synth.py; expected '' or 'tiny'")
+    raise ValueError(f"unknown variant {arg!r} of configs/pretrain_synth.py; expected '', 'v2' or 'tiny'")
   return c

@@ -88,18 +88,25 @@ def msp_improv_folds() -> dict[str, Any]:
       "folds": blocked_folds(sessions, 6, 1)}
 
 
-def synth_folds(num_speakers: int = 20, num_folds: int = 5, num_validation: int = 3) -> dict[str, Any]:
-  """avt_synth: folds over the labelled speakers synth_s00.. (data/synth.py)."""
+def synth_folds(num_speakers: int = 20, num_folds: int = 5, num_validation: int = 3,
+                dataset: str = "avt_synth") -> dict[str, Any]:
+  """avt_synth (v1) and avt_synth_v2: folds over the labelled speakers synth_s00.. (data/synth.py)."""
   speakers = [f"synth_s{s:02d}" for s in range(num_speakers)]
   return {
-      "dataset": "avt_synth", "field": "speaker",
+      "dataset": dataset, "field": "speaker",
       "protocol": (f"{num_folds} folds over the {num_speakers} labelled speakers in id order, contiguous blocks; "
                    f"fold k tests block k; validation = the first {num_validation} speakers of block "
                    f"(k+1) mod {num_folds}; train = the other speakers"),
       "folds": blocked_folds(speakers, num_folds, num_validation)}
 
 
-SHIPPED = {"crema_d.json": crema_d_folds, "msp_improv.json": msp_improv_folds, "avt_synth.json": synth_folds}
+def synth_v2_folds() -> dict[str, Any]:
+  """avt_synth_v2: 30 labelled speakers, 5 folds of 6 test speakers, 4 validation, 20 training speakers."""
+  return synth_folds(30, 5, 4, dataset="avt_synth_v2")
+
+
+SHIPPED = {"crema_d.json": crema_d_folds, "msp_improv.json": msp_improv_folds, "avt_synth.json": synth_folds,
+           "avt_synth_v2.json": synth_v2_folds}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,12 +199,13 @@ def split_rows(rows: Iterable[Mapping[str, Any]], folds: Mapping[str, Any],
   return out
 
 
-def fold_filters(folds: Mapping[str, Any], fold: str | int,
-                 train_clip_ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+def fold_filters(folds: Mapping[str, Any], fold: str | int, train_clip_ids: Sequence[str] | None = None,
+                 validation_clip_ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   """Trainer data filters (config.data.<split>_filter) of a fold, with tuples inside.
 
   {"train_filter": {"where": {field: train groups}} or {"clip_ids": subset} when `train_clip_ids` is given,
-   "eval_filter": {"where": {field: validation groups}}, "test_filter": {"where": {field: test groups}}}
+   "eval_filter": {"where": {field: validation groups}} or {"clip_ids": ...} when `validation_clip_ids` is given,
+   "test_filter": {"where": {field: test groups}}}
   """
   f = get_fold(folds, fold)
   field = folds["field"]
@@ -206,6 +214,8 @@ def fold_filters(folds: Mapping[str, Any], fold: str | int,
          "test_filter": {"where": {field: tuple(map(str, f["test"]))}}}
   if train_clip_ids is not None:
     out["train_filter"] = {"clip_ids": tuple(train_clip_ids)}
+  if validation_clip_ids is not None:
+    out["eval_filter"] = {"clip_ids": tuple(validation_clip_ids)}
   return out
 
 
@@ -282,27 +292,41 @@ def infer_stratify(rows: Sequence[Mapping[str, Any]]) -> str:
   return "label" if any(int(r.get("label", -1)) >= 0 for r in rows) else "targets"
 
 
+VALIDATION_SALT = 1000  # Seeds validation subsets apart from the training subsets of the same fold.
+
+
 def make_subsets(rows: Sequence[Mapping[str, Any]], folds: Mapping[str, Any], *, fractions: Sequence[float],
                  seeds: Sequence[int], stratify: str = "auto", folds_name: str = "",
-                 target_indices: Sequence[int] = (0, 1)) -> dict[str, Any]:
-  """Subsets of every fold's labelled training clips (see the module docstring for the layout)."""
+                 target_indices: Sequence[int] = (0, 1), validation: bool = False) -> dict[str, Any]:
+  """Subsets of every fold's labelled training clips (see the module docstring for the layout).
+
+  With `validation`, also subsets of each fold's labelled validation clips ("validation_subsets", same layout and
+  rule, salt VALIDATION_SALT + k): a low-label run then selects its checkpoint on as few labels as it trains on.
+  """
   if stratify == "auto":
     stratify = infer_stratify(rows)
-  subsets = {}
+  subsets, val_subsets = {}, {}
   for k, f in enumerate(folds["folds"]):
-    train = split_rows(rows, folds, f["name"])["train"]
-    stratum_of = strata(train, stratify, target_indices)
-    if not stratum_of:
-      raise FoldsError(f"fold {f['name']!r}: no labelled training clips to draw subsets from "
-                       f"(stratify={stratify!r}; {len(train)} training rows)")
-    subsets[f["name"]] = {
-        str(s): {fraction_key(fr): ids for fr, ids in stratified_subsets(stratum_of, fractions, s, k).items()}
-        for s in seeds}
-  return {"folds": folds_name, "dataset": folds.get("dataset", ""), "fractions": [float(x) for x in fractions],
+    parts = split_rows(rows, folds, f["name"])
+    for split, out, salt in (("train", subsets, k), ("validation", val_subsets, VALIDATION_SALT + k)):
+      if split == "validation" and not validation:
+        continue
+      stratum_of = strata(parts[split], stratify, target_indices)
+      if not stratum_of:
+        raise FoldsError(f"fold {f['name']!r}: no labelled {split} clips to draw subsets from "
+                         f"(stratify={stratify!r}; {len(parts[split])} {split} rows)")
+      out[f["name"]] = {
+          str(s): {fraction_key(fr): ids for fr, ids in stratified_subsets(stratum_of, fractions, s, salt).items()}
+          for s in seeds}
+  data = {"folds": folds_name, "dataset": folds.get("dataset", ""), "fractions": [float(x) for x in fractions],
           "seeds": [int(s) for s in seeds], "stratify": stratify, "target_indices": list(target_indices),
           "rule": ("per fold k and seed s, each stratum's sorted clip ids permuted by "
                    "numpy.random.default_rng(SeedSequence([s, k])); fraction f keeps the first max(1, round(f*n))"),
           "subsets": subsets}
+  if validation:
+    data["validation_subsets"] = val_subsets
+    data["validation_rule"] = f"the same on the fold's validation clips with SeedSequence([s, {VALIDATION_SALT} + k])"
+  return data
 
 
 def load_subsets(path: str) -> dict[str, Any]:
@@ -312,12 +336,17 @@ def load_subsets(path: str) -> dict[str, Any]:
   return data
 
 
-def subset_ids(subsets: Mapping[str, Any], fold: str, seed: int, fraction: float) -> list[str]:
+def subset_ids(subsets: Mapping[str, Any], fold: str, seed: int, fraction: float,
+               split: str = "train") -> list[str]:
+  """The clip ids of a subset of the fold's training (or, split='validation', validation) clips."""
+  key = "subsets" if split == "train" else "validation_subsets"
+  if key not in subsets:
+    raise KeyError(f"subsets file has no {key!r} (write it with validation subsets: make_subsets(validation=True))")
   try:
-    return subsets["subsets"][fold][str(seed)][fraction_key(fraction)]
+    return subsets[key][fold][str(seed)][fraction_key(fraction)]
   except KeyError:
-    raise KeyError(f"subsets file has no clip ids for fold {fold!r}, seed {seed}, fraction {fraction} (it has "
-                   f"folds {sorted(subsets['subsets'])}, seeds {subsets.get('seeds')}, fractions "
+    raise KeyError(f"subsets file has no {split} clip ids for fold {fold!r}, seed {seed}, fraction {fraction} (it "
+                   f"has folds {sorted(subsets[key])}, seeds {subsets.get('seeds')}, fractions "
                    f"{subsets.get('fractions')})") from None
 
 

@@ -2,6 +2,12 @@ r"""avt_synth: a small synthetic audio-visual emotion benchmark (features kind, 
 
   python -m data.synth --output=sample/avt_synth [--num_speakers=20 --clips_per_speaker=30
       --pretrain_speakers=40 --pretrain_clips_per_speaker=25 --seed=0]
+  python -m data.synth --version=2 --output=<dir> [--seed=0]      # v2, "nonlinear views" (below)
+
+Two versions. v1 (the default, committed as sample/avt_synth) is the control: its label is close to linear in the
+clip means of the inputs, so a linear model on clip means already does well and pretraining has little to add.
+v2 observes the same latent through strongly nonlinear maps, so that clip statistics of the raw inputs say little
+about the label while the latent (which masked-frame reconstruction has to infer) says nearly everything.
 
 Output (docs/data_format.md):
   <output>/                  the labelled part: `num_speakers` speakers (synth_s00, ...), 6 classes, arousal and
@@ -34,6 +40,16 @@ Labels come from the realised clip-level statistics of the latent, not from the 
     and over both modalities; chance accuracy 1/6, classes close to balanced);
   * arousal = 3 + 2 tanh(mean_t z0 + N(0, 0.1^2)), valence = 3 + 2 tanh(mean_t z1 + N(0, 0.1^2)) (in [1, 5]);
     dominance is NaN (unknown).
+
+v2 ("nonlinear views"; dataset name avt_synth_v2): the same latent, speakers and labels, with
+  * observations x_m,t = g_m * sin(3 * W_m z_t + b_m) + o_m + N(0, 0.3^2), W_m with N(0, 1) entries (the weak
+    column scaled by 0.2 as in v1), b_m ~ U(0, 2 pi): every input dimension is a folded, many-to-one view of the
+    latent, so clip means and stds of the inputs are weak features of the label;
+  * fixed clip length T = 16; defaults 30 labelled speakers x 24 clips, an unlabelled pool of 150 other speakers x
+    20 clips (<output>/pretrain) and 10 further pool speakers x 20 clips for pretraining validation
+    (<output>/pretrain_val, labelled: the held-out reconstruction gate and the linear probe use them; they are
+    disjoint from the labelled speakers, so no fine-tuning test speaker is seen while pretraining).
+  Random draws in this order: world, labelled part, pool, pool validation part.
 
 Why pretraining can help: reconstructing masked frames of one modality needs the slow level (z0, z1) of the clip
 and the rhythm phase, i.e. the same clip-level statistics that decide the labels, and the unlabelled pool is much
@@ -74,6 +90,19 @@ OFFSET_STD = 0.3
 GAIN_LOG_STD = 0.15
 NOISE_STD = 0.3
 RATING_NOISE = 0.1
+SIN_SCALE = 3.0           # v2: x = g sin(SIN_SCALE * W z + b) + o + noise
+
+LATENT_KEYS = ("latent_level",)  # In simulate()'s clips, not in the written records.
+
+VERSIONS = (1, 2)
+DATASETS = {1: DATASET, 2: "avt_synth_v2"}
+# Sizes per version (the flags' defaults); validation_speakers: the labelled pool-validation part (v2).
+DEFAULTS = {
+    1: dict(num_speakers=20, clips_per_speaker=30, pretrain_speakers=40, pretrain_clips_per_speaker=25,
+            validation_speakers=0, min_tokens=8, max_tokens=16),
+    2: dict(num_speakers=30, clips_per_speaker=24, pretrain_speakers=150, pretrain_clips_per_speaker=20,
+            validation_speakers=10, min_tokens=16, max_tokens=16),
+}
 
 
 def prototypes() -> np.ndarray:
@@ -82,14 +111,17 @@ def prototypes() -> np.ndarray:
   return PROTOTYPE_RADIUS * np.stack([np.cos(ang), np.sin(ang)], axis=1)
 
 
-def make_world(rng: np.random.Generator) -> dict[str, np.ndarray]:
+def make_world(rng: np.random.Generator, version: int = 1) -> dict[str, np.ndarray]:
   """The fixed observation maps of both modalities."""
-  world = {}
+  world = {"version": version}
   for name, dim, weak in (("audio", AUDIO_DIM, 1), ("visual", VISUAL_DIM, 0)):
     w = rng.normal(size=(dim, LATENT_DIM))
     w[:, weak] *= CROSS_WEIGHT
     world[f"{name}_w"] = w
-    world[f"{name}_b"] = rng.normal(scale=BIAS_STD, size=(dim,))
+    if version == 1:
+      world[f"{name}_b"] = rng.normal(scale=BIAS_STD, size=(dim,))
+    else:
+      world[f"{name}_b"] = rng.uniform(0.0, 2 * np.pi, size=(dim,))
   return world
 
 
@@ -117,7 +149,10 @@ def latent_trajectory(rng: np.random.Generator, num_tokens: int, cls: int) -> np
 
 
 def observe(rng: np.random.Generator, z: np.ndarray, world: dict, style: dict, name: str) -> np.ndarray:
-  clean = np.tanh(z @ world[f"{name}_w"].T + world[f"{name}_b"])
+  if world["version"] == 1:
+    clean = np.tanh(z @ world[f"{name}_w"].T + world[f"{name}_b"])
+  else:
+    clean = np.sin(SIN_SCALE * (z @ world[f"{name}_w"].T) + world[f"{name}_b"])
   x = style[f"{name}_gain"] * clean + style[f"{name}_offset"]
   return (x + rng.normal(scale=NOISE_STD, size=x.shape)).astype(np.float32)
 
@@ -132,7 +167,8 @@ def clip_labels(rng: np.random.Generator, z: np.ndarray) -> tuple[int, np.ndarra
 
 
 def generate_part(rng: np.random.Generator, world: dict, prefix: str, num_speakers: int, clips_per_speaker: int,
-                  labelled: bool, min_tokens: int, max_tokens: int) -> list[dict[str, Any]]:
+                  labelled: bool, min_tokens: int, max_tokens: int,
+                  dataset: str = DATASET) -> list[dict[str, Any]]:
   """Clip records of one part, speaker by speaker (clip ids sort in generation order)."""
   out = []
   for s in range(num_speakers):
@@ -147,9 +183,9 @@ def generate_part(rng: np.random.Generator, world: dict, prefix: str, num_speake
       label, targets = clip_labels(rng, z)
       if not labelled:
         label, targets = -1, np.full((3,), np.nan, np.float32)
-      out.append(dict(clip_id=f"{speaker}_c{k:03d}", dataset=DATASET, speaker=speaker, session="",
+      out.append(dict(clip_id=f"{speaker}_c{k:03d}", dataset=dataset, speaker=speaker, session="",
                       label=np.int32(label), targets=targets, num_tokens=np.int32(num_tokens),
-                      audio=audio, visual=visual))
+                      audio=audio, visual=visual, latent_level=z[:, :2].mean(axis=0)))
   return out
 
 
@@ -160,7 +196,7 @@ def _stats(clips: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
 
 def manifest_row(clip: dict) -> dict[str, Any]:
   targets = [None if math.isnan(float(t)) else round(float(t), 6) for t in clip["targets"]]
-  return {"clip_id": clip["clip_id"], "status": "ok", "dataset": DATASET, "speaker": clip["speaker"],
+  return {"clip_id": clip["clip_id"], "status": "ok", "dataset": clip["dataset"], "speaker": clip["speaker"],
           "session": clip["session"], "label": int(clip["label"]), "targets": targets,
           "num_tokens": int(clip["num_tokens"])}
 
@@ -168,7 +204,9 @@ def manifest_row(clip: dict) -> dict[str, Any]:
 def write_part(directory: str, clips: Sequence[dict], stats: dict, description: str, generator: dict) -> None:
   """Writes one prepared directory (shard, manifest.jsonl, dataset_info.json)."""
   os.makedirs(os.path.join(directory, "shards"), exist_ok=True)
-  records.write_shard(os.path.join(directory, SHARD), clips)
+  # The latent is the generator's secret (tests read it from simulate()); records hold what a dataset would.
+  records.write_shard(os.path.join(directory, SHARD), [{k: v for k, v in c.items() if k not in LATENT_KEYS}
+                                                       for c in clips])
   lines = "".join(json.dumps(manifest_row(c), sort_keys=True) + "\n" for c in clips)
   info = {
       "kind": "features", "token_rate": TOKEN_RATE,
@@ -176,7 +214,8 @@ def write_part(directory: str, clips: Sequence[dict], stats: dict, description: 
                 "mean": stats["audio"][0], "std": stats["audio"][1]},
       "visual": {"type": "features", "frames_per_token": 1, "dim": VISUAL_DIM,
                  "mean": stats["visual"][0], "std": stats["visual"][1]},
-      "num_clips": len(clips), "shards": [SHARD], "dataset": DATASET, "description": description,
+      "num_clips": len(clips), "shards": [SHARD], "dataset": clips[0]["dataset"] if clips else DATASET,
+      "description": description,
       "classes": list(CLASS_NAMES), "targets": ["arousal", "valence", "dominance"], "generator": generator,
   }
   records.write_atomic(os.path.join(directory, "manifest.jsonl"), lines)
@@ -190,7 +229,7 @@ def _check_replaceable(output: str) -> None:
   info_path = os.path.join(output, records.DATASET_INFO)
   try:
     with open(info_path) as f:
-      ok = json.load(f).get("dataset") == DATASET
+      ok = json.load(f).get("dataset") in DATASETS.values()
   except (OSError, ValueError):
     ok = False
   if not ok and (not os.path.isdir(output) or os.listdir(output)):
@@ -198,30 +237,54 @@ def _check_replaceable(output: str) -> None:
                           f"dataset): choose another --output")
 
 
-def generate(output: str, *, num_speakers: int = 20, clips_per_speaker: int = 30, pretrain_speakers: int = 40,
-             pretrain_clips_per_speaker: int = 25, min_tokens: int = 8, max_tokens: int = 16,
-             seed: int = 0) -> dict[str, int]:
-  """Writes the benchmark to `output` (labelled part) and `output`/pretrain (unlabelled pool).
+def simulate(*, version: int = 1, seed: int = 0, **sizes: int) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+  """(parts, generator record): the clips of the labelled part, the pool and the pool validation part, in memory,
+  each with its `latent_level` (the time mean of (z0, z1), which decides the label).
+
+  `sizes`: num_speakers, clips_per_speaker, pretrain_speakers, pretrain_clips_per_speaker, validation_speakers,
+  min_tokens, max_tokens (each defaults to DEFAULTS[version]).
+  """
+  if version not in VERSIONS:
+    raise ValueError(f"--version={version}; expected one of {VERSIONS}")
+  unknown = sorted(set(sizes) - set(DEFAULTS[version]))
+  if unknown:
+    raise TypeError(f"generate() got unknown sizes {unknown}; expected some of {sorted(DEFAULTS[version])}")
+  n = {**DEFAULTS[version], **{k: int(v) for k, v in sizes.items() if v is not None}}
+  for name, lo in (("num_speakers", 1), ("clips_per_speaker", 1), ("pretrain_speakers", 0),
+                   ("pretrain_clips_per_speaker", 0), ("validation_speakers", 0), ("min_tokens", 1)):
+    if n[name] < lo:
+      raise ValueError(f"--{name}={n[name]}; expected >= {lo}")
+  if n["max_tokens"] < n["min_tokens"]:
+    raise ValueError(f"--max_tokens={n['max_tokens']} < --min_tokens={n['min_tokens']}")
+  if version == 1 and n["validation_speakers"]:
+    raise ValueError("--validation_speakers is a v2 part (v1 has none): use --version=2")
+  generator = {k: n[k] for k in ("num_speakers", "clips_per_speaker", "pretrain_speakers",
+                                 "pretrain_clips_per_speaker", "min_tokens", "max_tokens")}
+  generator["seed"] = seed
+  if version != 1:  # v1's dataset_info.json stays as it was written before versions existed.
+    generator.update(version=version, validation_speakers=n["validation_speakers"])
+  dataset = DATASETS[version]
+  tokens = (n["min_tokens"], n["max_tokens"])
+  rng = np.random.default_rng(seed)
+  world = make_world(rng, version)
+  labelled = generate_part(rng, world, "synth", n["num_speakers"], n["clips_per_speaker"], True, *tokens, dataset)
+  pool = generate_part(rng, world, "synthpre", n["pretrain_speakers"], n["pretrain_clips_per_speaker"], False,
+                       *tokens, dataset)
+  held = generate_part(rng, world, "synthval", n["validation_speakers"], n["pretrain_clips_per_speaker"], True,
+                       *tokens, dataset)
+  return {"labelled": labelled, "pretrain": pool, "pretrain_val": held}, generator
+
+
+def generate(output: str, *, version: int = 1, seed: int = 0, **sizes: int) -> dict[str, int]:
+  """Writes the benchmark to `output` (labelled part), `output`/pretrain (unlabelled pool) and, for v2,
+  `output`/pretrain_val (the pool's validation speakers); `sizes` as for simulate().
 
   The directory is built next to `output` and moved into place, so an interrupted run leaves no partial dataset.
-  Returns the clip counts of both parts.
+  Returns the clip counts of the parts.
   """
-  for name, v, lo in (("num_speakers", num_speakers, 1), ("clips_per_speaker", clips_per_speaker, 1),
-                      ("pretrain_speakers", pretrain_speakers, 0), ("pretrain_clips_per_speaker",
-                                                                      pretrain_clips_per_speaker, 0),
-                      ("min_tokens", min_tokens, 1)):
-    if v < lo:
-      raise ValueError(f"--{name}={v}; expected >= {lo}")
-  if max_tokens < min_tokens:
-    raise ValueError(f"--max_tokens={max_tokens} < --min_tokens={min_tokens}")
-  generator = dict(num_speakers=num_speakers, clips_per_speaker=clips_per_speaker,
-                   pretrain_speakers=pretrain_speakers, pretrain_clips_per_speaker=pretrain_clips_per_speaker,
-                   min_tokens=min_tokens, max_tokens=max_tokens, seed=seed)
-  rng = np.random.default_rng(seed)
-  world = make_world(rng)
-  labelled = generate_part(rng, world, "synth", num_speakers, clips_per_speaker, True, min_tokens, max_tokens)
-  pool = generate_part(rng, world, "synthpre", pretrain_speakers, pretrain_clips_per_speaker, False, min_tokens,
-                       max_tokens)
+  parts, generator = simulate(version=version, seed=seed, **sizes)
+  labelled, pool, held = parts["labelled"], parts["pretrain"], parts["pretrain_val"]
+  dataset = DATASETS[version]
   basis = pool if pool else labelled
   stats = {"audio": _stats(basis, "audio"), "visual": _stats(basis, "visual")}
 
@@ -231,36 +294,44 @@ def generate(output: str, *, num_speakers: int = 20, clips_per_speaker: int = 30
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
   try:
-    write_part(tmp, labelled, stats, "avt_synth labelled part (see data/synth.py)", generator)
+    write_part(tmp, labelled, stats, f"{dataset} labelled part (see data/synth.py)", generator)
     if pool:
-      write_part(os.path.join(tmp, "pretrain"), pool, stats, "avt_synth unlabelled pretraining pool", generator)
+      write_part(os.path.join(tmp, "pretrain"), pool, stats, f"{dataset} unlabelled pretraining pool", generator)
+    if held:
+      write_part(os.path.join(tmp, "pretrain_val"), held, stats,
+                 f"{dataset} pretraining validation speakers (labelled; not in the fine-tuning folds)", generator)
     if os.path.exists(output):
       shutil.rmtree(output)
     os.replace(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return {"labelled": len(labelled), "pretrain": len(pool)}
+  counts = {"labelled": len(labelled), "pretrain": len(pool)}
+  if version != 1:
+    counts["pretrain_val"] = len(held)
+  return counts
 
 
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  counts = generate(f.output, num_speakers=f.num_speakers, clips_per_speaker=f.clips_per_speaker,
-                    pretrain_speakers=f.pretrain_speakers, pretrain_clips_per_speaker=f.pretrain_clips_per_speaker,
-                    min_tokens=f.min_tokens, max_tokens=f.max_tokens, seed=f.seed)
-  print(f"wrote {f.output}: {counts['labelled']} labelled clips, {counts['pretrain']} clips in pretrain/")
+  sizes = {k: getattr(f, k) for k in DEFAULTS[f.version]}
+  counts = generate(f.output, version=f.version, seed=f.seed, **sizes)
+  print(f"wrote {f.output}: " + ", ".join(f"{v} clips in {'the labelled part' if k == 'labelled' else k + '/'}"
+                                          for k, v in counts.items()))
 
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_integer("version", 1, "1: the control (committed as sample/avt_synth); 2: nonlinear views.")
   flags.DEFINE_string("output", "sample/avt_synth", "Output directory (replaced if it exists).")
-  flags.DEFINE_integer("num_speakers", 20, "Speakers of the labelled part.")
-  flags.DEFINE_integer("clips_per_speaker", 30, "Clips per labelled speaker.")
-  flags.DEFINE_integer("pretrain_speakers", 40, "Speakers of the unlabelled pool (0 = no pool).")
-  flags.DEFINE_integer("pretrain_clips_per_speaker", 25, "Clips per pool speaker.")
-  flags.DEFINE_integer("min_tokens", 8, "Shortest clip, in tokens (5 per second).")
-  flags.DEFINE_integer("max_tokens", 16, "Longest clip, in tokens.")
+  flags.DEFINE_integer("num_speakers", None, "Speakers of the labelled part (v1: 20, v2: 30).")
+  flags.DEFINE_integer("clips_per_speaker", None, "Clips per labelled speaker (v1: 30, v2: 24).")
+  flags.DEFINE_integer("pretrain_speakers", None, "Speakers of the unlabelled pool, 0 = no pool (v1: 40, v2: 150).")
+  flags.DEFINE_integer("pretrain_clips_per_speaker", None, "Clips per pool speaker (v1: 25, v2: 20).")
+  flags.DEFINE_integer("validation_speakers", None, "v2: pool validation speakers in pretrain_val/ (10).")
+  flags.DEFINE_integer("min_tokens", None, "Shortest clip, in tokens, 5 per second (v1: 8, v2: 16).")
+  flags.DEFINE_integer("max_tokens", None, "Longest clip, in tokens (16).")
   flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
   app.run(main)

@@ -40,6 +40,7 @@ predictions.npz (written by `predict_run` after the run: test split, selected ch
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import importlib.util
@@ -82,9 +83,11 @@ def resolve(path: str) -> str:
 
 
 def sweep_file(path: str) -> str:
-  """The --sweep flag: from the current directory when there is such a file, else from the repository root."""
-  path = os.path.expanduser(path)
-  return os.path.abspath(path) if os.path.exists(path) else resolve(path)
+  """The --sweep flag ('file[:argument]'): the file from the current directory when there is such a file, else
+  from the repository root; the argument (for get_sweep(argument)) is kept."""
+  path, sep, arg = os.path.expanduser(path).partition(":")
+  path = os.path.abspath(path) if os.path.exists(path) else resolve(path)
+  return path + sep + arg
 
 
 # Overrides that name files; relative ones are made absolute (from the repository root) in run.json.
@@ -174,6 +177,9 @@ class Run:
   init: str
   lr: float
   spec: dict  # run.json content
+  # Labelled clips the run trains on and selects its checkpoint on (None when the manifest was not read).
+  train_labels: int | None = None
+  validation_labels: int | None = None
 
   def dir(self, workdir: str) -> str:
     return os.path.join(workdir, "runs", self.name)
@@ -184,10 +190,12 @@ def run_name(fold: str, fraction: float, seed: int, init: str, lr: float) -> str
 
 
 def load_sweep(path: str) -> dict[str, Any]:
+  """The checked sweep of 'file[:argument]' (the argument goes to get_sweep(argument), as for config files)."""
+  path, sep, arg = path.partition(":")
   module = _load_module(path, "_sweep_" + os.path.basename(path).replace(".", "_"))
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} has no get_sweep()")
-  sweep = dict(module.get_sweep())
+  sweep = dict(module.get_sweep(arg) if sep else module.get_sweep())
   sweep.setdefault("name", os.path.splitext(os.path.basename(path))[0])
   for key in ("config", "folds", "fractions", "seeds", "lrs"):
     if key not in sweep:
@@ -196,6 +204,12 @@ def load_sweep(path: str) -> dict[str, Any]:
   sweep.setdefault("overrides", {})
   sweep.setdefault("pretrain", None)
   sweep.setdefault("subsets", None)
+  sweep.setdefault("subsample_validation", False)
+  sweep.setdefault("gate", None)
+  sweep.setdefault("prepare", None)
+  if sweep["subsample_validation"] and sweep["subsets"]:
+    raise SweepError(f"{path}: subsample_validation draws its validation subsets into <workdir>/subsets.json; "
+                     "leave subsets=None")
   bad = [i for i in sweep["inits"] if i not in INITS]
   if bad:
     raise SweepError(f"{path}: inits {bad} not in {INITS}")
@@ -251,14 +265,20 @@ def ensure_subsets(sweep: Mapping[str, Any], workdir: str, train_data: str, task
                                 fractions=sorted({float(f) for f in sweep["fractions"]} | {1.0}),
                                 seeds=list(sweep["seeds"]), folds_name=sweep["folds"],
                                 stratify="label" if task == "classification" else "targets",
-                                target_indices=list(target_indices))
+                                target_indices=list(target_indices),
+                                validation=bool(sweep.get("subsample_validation")))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   records.write_atomic(path, json.dumps(data) + "\n")
   return data
 
 
-def expand(sweep: Mapping[str, Any], workdir: str, subsets: Mapping[str, Any] | None = None) -> list[Run]:
-  """Every run of the sweep, in a fixed order (fold, fraction, seed, init, lr)."""
+def expand(sweep: Mapping[str, Any], workdir: str, subsets: Mapping[str, Any] | None = None,
+           rows: Sequence[Mapping[str, Any]] | None = None, labelled=None) -> list[Run]:
+  """Every run of the sweep, in a fixed order (fold, fraction, seed, init, lr).
+
+  With the training data's manifest `rows` and `labelled(row) -> bool`, each run counts the labelled clips it
+  trains and selects on.
+  """
   from data import folds as folds_lib  # pylint: disable=g-import-not-at-top
   folds = folds_lib.load_folds(resolve(sweep["folds"]))
   names = list(sweep.get("fold_names") or [f["name"] for f in folds["folds"]])
@@ -268,12 +288,20 @@ def expand(sweep: Mapping[str, Any], workdir: str, subsets: Mapping[str, Any] | 
     for fraction in sweep["fractions"]:
       fraction = float(fraction)
       for seed in sweep["seeds"]:
-        ids = None
+        ids = val_ids = None
         if fraction < 1:
           if subsets is None:
             raise SweepError("fractions below 1 need a subsets file")
           ids = folds_lib.subset_ids(subsets, fold, int(seed), fraction)
-        filters = folds_lib.fold_filters(folds, fold, ids)
+          if sweep.get("subsample_validation"):
+            val_ids = folds_lib.subset_ids(subsets, fold, int(seed), fraction, split="validation")
+        filters = folds_lib.fold_filters(folds, fold, ids, val_ids)
+        counts = [None, None]
+        if rows is not None:
+          parts = folds_lib.split_rows(rows, folds, fold)
+          for i, (split, chosen) in enumerate((("train", ids), ("validation", val_ids))):
+            keep = set(chosen) if chosen is not None else None
+            counts[i] = sum(1 for r in parts[split] if labelled(r) and (keep is None or r["clip_id"] in keep))
         for init in sweep["inits"]:
           for lr in sweep["lrs"]:
             overrides = dict(sweep["overrides"])
@@ -283,7 +311,7 @@ def expand(sweep: Mapping[str, Any], workdir: str, subsets: Mapping[str, Any] | 
             name = run_name(fold, fraction, int(seed), init, float(lr))
             spec = {"name": name, "config": sweep["config"], "overrides": overrides,
                     "meta": {"fold": fold, "fraction": fraction, "seed": int(seed), "init": init, "lr": float(lr)}}
-            runs.append(Run(name, fold, fraction, int(seed), init, float(lr), spec))
+            runs.append(Run(name, fold, fraction, int(seed), init, float(lr), spec, *counts))
   if len({r.name for r in runs}) != len(runs):
     raise SweepError("run names are not unique (repeated fold, fraction, seed or lr?)")
   return runs
@@ -390,12 +418,40 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def prepare_data(sweep: Mapping[str, Any], log=print) -> None:
+  """Runs the sweep's `prepare` command ({"creates": <dir>, "command": [...]}) when <dir> does not exist yet."""
+  prep = sweep.get("prepare")
+  if not prep:
+    return
+  creates = resolve(prep["creates"])
+  if os.path.exists(creates):
+    return
+  cmd = [sys.executable if c == "python" else c for c in prep["command"]]
+  log(f"preparing {creates}: {' '.join(shlex.quote(c) for c in cmd)}")
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  rc = subprocess.call(cmd, cwd=REPO, env=env)
+  if rc != 0 or not os.path.exists(creates):
+    raise SweepError(f"the sweep's prepare command failed (rc {rc}) or did not write {creates}: {cmd}")
+
+
+def _labelled_rows(train_data: Any, task: str, target_indices: Sequence[int]):
+  """(manifest rows, labelled(row)) of a local prepared training directory, or (None, None)."""
+  from data import folds as folds_lib  # pylint: disable=g-import-not-at-top
+  if not isinstance(train_data, str) or not os.path.exists(os.path.join(resolve(train_data), "manifest.jsonl")):
+    return None, None
+  rows = folds_lib.read_manifest(resolve(train_data))
+  ids = set(folds_lib.strata(rows, "label" if task == "classification" else "targets", target_indices))
+  return rows, lambda r: r["clip_id"] in ids
+
+
 def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str = "", plots: bool = True,
-              aggregate_only: bool = False, log=print, extra_overrides: Mapping[str, Any] | None = None
-              ) -> dict[str, Any]:
+              aggregate_only: bool = False, log=print, extra_overrides: Mapping[str, Any] | None = None,
+              parallel: int = 1) -> dict[str, Any]:
   """Runs (or prints) every run of a sweep, then aggregates. Returns {"launched", "skipped", "failed", ...}.
 
   `extra_overrides` (the --set flags) are added to the overrides of every run and of the pretraining run.
+  `parallel` fine-tuning runs execute at a time (after the pretraining run, which they need).
   """
   # Absolute before anything is written: run specs, trainer --workdir flags and init_from all derive from these.
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -406,13 +462,15 @@ def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str
     if sweep["pretrain"] and not sweep["pretrain"].get("init_from"):
       sweep["pretrain"]["overrides"] = {**sweep["pretrain"].get("overrides", {}), **extra}
   os.makedirs(workdir, exist_ok=True)
+  prepare_data(sweep, log)
   base = load_config_file(sweep["config"])
   base = apply_overrides(base, sweep["overrides"])
+  target_indices = list(base.loss.get("target_indices", (0, 1)))
   subsets = None
   if any(float(f) < 1 for f in sweep["fractions"]):
-    subsets = ensure_subsets(sweep, workdir, resolve(base.data.train), base.task,
-                             list(base.loss.get("target_indices", (0, 1))))
-  runs = [r for r in expand(sweep, workdir, subsets) if only in r.name]
+    subsets = ensure_subsets(sweep, workdir, resolve(base.data.train), base.task, target_indices)
+  rows, labelled = _labelled_rows(base.data.train, base.task, target_indices)
+  runs = [r for r in expand(sweep, workdir, subsets, rows, labelled) if only in r.name]
   stats = {"launched": [], "skipped": [], "failed": [], "commands": []}
   t_start = time.time()
 
@@ -428,6 +486,7 @@ def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str
   if not aggregate_only:
     for _, run_dir, spec in todo:  # All specs first: a conflict stops the sweep before anything runs.
       write_spec(run_dir, spec)
+    pending = []
     for k, (name, run_dir, _) in enumerate(todo):
       final, problem = read_final(run_dir)
       if final is not None:
@@ -439,27 +498,42 @@ def run_sweep(sweep_path: str, workdir: str, *, dry_run: bool = False, only: str
       stats["commands"].append(cmd)
       if dry_run:
         log(f"cd {shlex.quote(REPO)} && " + " ".join(shlex.quote(c) for c in cmd))
-        continue
+      else:
+        pending.append((k, name, run_dir))
+
+    def launch(item):
+      k, name, run_dir = item
       log(f"[{k + 1}/{len(todo)}] {name} ...")
       rc, wall = execute(run_dir, log)
       stats["launched"].append(name)
       if rc != 0:
         stats["failed"].append(name)
         log(f"  FAILED (rc {rc}) after {wall:.0f}s: see {os.path.join(run_dir, 'log.txt')}")
-        if name == "pretrain":
-          raise SweepError(f"pretraining failed: see {os.path.join(run_dir, 'log.txt')}")
       else:
-        log(f"  done in {wall:.0f}s")
+        log(f"  {name} done in {wall:.0f}s")
+      return rc
+
+    if pending and pending[0][1] == "pretrain":  # Every pretrained run needs it: first, alone.
+      if launch(pending.pop(0)) != 0:
+        raise SweepError(f"pretraining failed: see {os.path.join(pretrain_dir(sweep, workdir), 'log.txt')}")
+    if parallel > 1 and len(pending) > 1:
+      with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(launch, pending))
+    else:
+      for item in pending:
+        launch(item)
   if dry_run:
     return stats
 
   select = base.get("select_metric", "") or ("accuracy" if base.task == "classification" else "ccc_mean")
   rows = collect(runs, workdir, log=log)
-  table = aggregate(rows, select, title=sweep["name"], target_names=tuple(base.loss.target_names))
+  table = aggregate(rows, select, title=sweep["name"], target_names=tuple(base.loss.target_names),
+                    gate=read_gate(sweep, workdir))
   write_results(workdir, rows, table)
   if plots:
     try:
-      make_plots(workdir, runs, rows, table, select, base.task, log=log)
+      make_plots(workdir, runs, rows, table, select, base.task, log=log, class_names=_class_names(base),
+                 pretrain=pretrain_dir(sweep, workdir) if pre else None)
     except Exception as e:  # Plots are a convenience: a failure there must not hide the table.
       log(f"plots failed ({type(e).__name__}: {e})")
   stats["wall_s"] = time.time() - t_start
@@ -481,7 +555,8 @@ def collect(runs: Sequence[Run], workdir: str, log=print) -> list[dict[str, Any]
   rows = []
   for r in runs:
     d = r.dir(workdir)
-    row = {"name": r.name, "fold": r.fold, "fraction": r.fraction, "seed": r.seed, "init": r.init, "lr": r.lr}
+    row = {"name": r.name, "fold": r.fold, "fraction": r.fraction, "seed": r.seed, "init": r.init, "lr": r.lr,
+           "train_labels": r.train_labels, "validation_labels": r.validation_labels}
     metrics, problem = read_final(d)
     if metrics is not None:
       row["status"] = "done"
@@ -525,6 +600,44 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
 
 
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
+  """(mean, sample std, low, high): the t-interval of the mean paired difference (n - 1 degrees of freedom)."""
+  from scipy import stats as st  # pylint: disable=g-import-not-at-top
+  d = np.asarray(diffs, np.float64)
+  mean, std = _mean_std(d)
+  if len(d) < 2:
+    return mean, std, float("nan"), float("nan")
+  half = float(st.t.ppf(0.5 + level / 2, len(d) - 1)) * std / math.sqrt(len(d))
+  return mean, std, mean - half, mean + half
+
+
+def _count_range(values: Sequence[Any]) -> str:
+  v = sorted({int(x) for x in values if x is not None})
+  if not v:
+    return "–"
+  return f"{v[0]}" if len(v) == 1 else f"{v[0]}–{v[-1]}"
+
+
+def read_gate(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any] | None:
+  """The pretraining gate: the pretraining run's final `model` metric against its `baselines`.
+
+  sweep["gate"] = {"model": "eval/zeroed_l1", "beat": "eval/zeroed_l1_past_mean", "baselines": [...]} (lower is
+  better). Returns {"passed": bool | None, "values": {metric: value}, "why": str} (passed None: not readable).
+  """
+  g = sweep.get("gate")
+  if not g or not sweep.get("pretrain"):
+    return None
+  path = os.path.join(pretrain_dir(sweep, workdir), FINAL)
+  metrics, problem = read_final(os.path.dirname(path))
+  names = [g["model"], g["beat"], *g.get("baselines", ())]
+  if metrics is None or any(n not in metrics for n in names):
+    return {"passed": None, "values": {}, "why": problem or f"{path} lacks {[n for n in names if n not in (metrics or {})]}"}
+  values = {n: float(metrics[n]) for n in dict.fromkeys(names)}
+  passed = values[g["model"]] < values[g["beat"]]
+  return {"passed": passed, "values": values, "step": metrics.get("step"),
+          "why": f"{g['model']} {values[g['model']]:.4f} {'<' if passed else '>='} {g['beat']} {values[g['beat']]:.4f}"}
+
+
 def _fmt(mean: float, std: float, percent: bool, signed: bool = False) -> str:
   scale, digits = (100.0, 1) if percent else (1.0, 3)
   sign = "+" if signed else ""
@@ -546,7 +659,8 @@ def choose_lr(rows: Sequence[Mapping[str, Any]], select: str) -> float | None:
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]], select: str, title: str = "",
-              target_names: Sequence[str] = ("arousal", "valence")) -> dict[str, Any]:
+              target_names: Sequence[str] = ("arousal", "valence"), gate: Mapping[str, Any] | None = None
+              ) -> dict[str, Any]:
   """The results table (see the module docstring). Returns {"groups": [...], "markdown": str}."""
   cols = _metric_columns(rows, target_names)
   fractions = sorted({float(r["fraction"]) for r in rows})
@@ -555,9 +669,18 @@ def aggregate(rows: Sequence[Mapping[str, Any]], select: str, title: str = "",
   lines = [f"# {title}" if title else "# Results", "",
            f"Test metrics at the checkpoint selected on validation `{select}`; mean ± sample std over folds × "
            "seeds (n); learning rate chosen per (labels, init) by the mean validation "
-           f"`{select}`. Difference row: paired over (fold, seed).", "",
-           "| labels | init | lr | n | " + " | ".join(h for _, h, _ in cols) + " |",
-           "|---|---|---|---|" + "---|" * len(cols)]
+           f"`{select}`. Difference row: paired over (fold, seed), mean ± std [95% t-interval]. Labels: labelled "
+           "clips used for training / for checkpoint selection per run (range over folds × seeds).", ""]
+  if gate is not None:
+    if gate["passed"] is None:
+      lines += [f"Pretraining gate: not readable ({gate['why']}); no comparison is reported.", ""]
+    else:
+      vals = ", ".join(f"`{k}` {v:.4f}" for k, v in gate["values"].items())
+      verdict = "passed" if gate["passed"] else "**failed: pretraining did not learn**"
+      lines += [f"Pretraining gate {verdict} ({gate['why']}; held-out pool, step {gate.get('step')}: {vals}).", ""]
+  compare = gate is None or bool(gate["passed"])
+  lines += ["| labels | init | lr | n | labels train / val | " + " | ".join(h for _, h, _ in cols) + " |",
+            "|---|---|---|---|---|" + "---|" * len(cols)]
   for fraction in fractions:
     chosen = {}
     for init in inits:
@@ -566,7 +689,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]], select: str, title: str = "",
       done = [r for r in part if r.get("status") == "done" and lr is not None and float(r["lr"]) == lr]
       chosen[init] = {(r["fold"], r["seed"]): r for r in done}
       g = {"fraction": fraction, "init": init, "lr": lr, "n": len(done), "expected": len(
-          {(r["fold"], r["seed"]) for r in part}), "metrics": {}}
+          {(r["fold"], r["seed"]) for r in part}), "metrics": {},
+           "train_labels": _count_range([r.get("train_labels") for r in part]),
+           "validation_labels": _count_range([r.get("validation_labels") for r in part])}
       cells = []
       for key, _, pct in cols:
         vals = [float(r[key]) for r in done if r.get(key) is not None]
@@ -578,31 +703,39 @@ def aggregate(rows: Sequence[Mapping[str, Any]], select: str, title: str = "",
       groups.append(g)
       n = f"{g['n']}" if g["n"] == g["expected"] else f"{g['n']}/{g['expected']}"
       lines.append(f"| {fraction * 100:g}% | {init} | {'–' if lr is None else f'{lr:g}'} | {n} | "
-                   + " | ".join(cells) + " |")
+                   f"{g['train_labels']} / {g['validation_labels']} | " + " | ".join(cells) + " |")
     if len(inits) == 2:
       pairs = sorted(set(chosen["pretrained"]) & set(chosen["scratch"]))
-      g = {"fraction": fraction, "init": "pretrained - scratch", "lr": None, "n": len(pairs), "metrics": {}}
+      g = {"fraction": fraction, "init": "pretrained - scratch", "lr": None, "n": len(pairs), "metrics": {},
+           "intervals": {}}
       cells = []
       for key, _, pct in cols:
         diffs = [float(chosen["pretrained"][p][key]) - float(chosen["scratch"][p][key]) for p in pairs
                  if chosen["pretrained"][p].get(key) is not None and chosen["scratch"][p].get(key) is not None]
         if diffs:
-          g["metrics"][key] = _mean_std(diffs)
-          cells.append(_fmt(*g["metrics"][key], pct, signed=True))
+          mean, std, lo, hi = paired_interval(diffs)
+          g["metrics"][key] = (mean, std)
+          g["intervals"][key] = (lo, hi)
+          scale, digits = (100.0, 1) if pct else (1.0, 3)
+          ci = "" if math.isnan(lo) else f" [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+          cells.append(_fmt(mean, std, pct, signed=True) + ci)
         else:
           cells.append("–")
       groups.append(g)
-      lines.append(f"| {fraction * 100:g}% | **pretrained − scratch** | | {len(pairs)} | " + " | ".join(cells) + " |")
+      if not compare:
+        cells = ["pretraining did not learn"] + [""] * (len(cells) - 1)
+      lines.append(f"| {fraction * 100:g}% | **pretrained − scratch** | | {len(pairs)} | | " + " | ".join(cells) + " |")
   lines.append("")
   if any(pct for _, _, pct in cols):
     lines.append("Accuracy (WAR), UAR and macro-F1 in percent; differences in percentage points.")
   else:
     lines.append("CCC computed over all test clips of a fold, then averaged over folds × seeds.")
-  return {"groups": groups, "markdown": "\n".join(lines) + "\n"}
+  return {"groups": groups, "markdown": "\n".join(lines) + "\n", "gate": gate}
 
 
 def write_results(workdir: str, rows: Sequence[Mapping[str, Any]], table: Mapping[str, Any]) -> None:
-  fixed = ["name", "fold", "fraction", "seed", "init", "lr", "status", "best_step", "wall_s"]
+  fixed = ["name", "fold", "fraction", "seed", "init", "lr", "status", "best_step", "wall_s", "train_labels",
+           "validation_labels"]
   extra = sorted({k for r in rows for k in r} - set(fixed))
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=fixed + extra, lineterminator="\n")
@@ -664,21 +797,32 @@ def predict_run(run_dir: str) -> dict[str, np.ndarray]:
   return result
 
 
-def _curve(run_dir: str, metric: str) -> tuple[list[int], list[float]]:
+def _curve(run_dir: str, metric: str, split: str = "eval") -> tuple[list[int], list[float]]:
   steps, values = [], []
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.exists(path):
     return steps, values
   for m in records.read_jsonl(path, what="metrics file"):
-    if m.get("split") == "eval" and metric in m:
+    if m.get("split") == split and metric in m:
       steps.append(int(m["step"]))
       values.append(float(m[metric]))
   return steps, values
 
 
+def _class_names(config) -> list[str] | None:
+  """The class names of the training data's dataset_info.json (None when not a local prepared directory)."""
+  path = os.path.join(resolve(config.data.train), records.DATASET_INFO) if isinstance(config.data.train, str) else ""
+  if not path or not os.path.exists(path):
+    return None
+  return records.read_json(path, what="dataset info").get("classes")
+
+
 def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], table: Mapping[str, Any],
-               select: str, task: str, log=print) -> list[str]:
-  """Validation curves and confusion matrices / scatter plots of the chosen-lr runs, per label fraction."""
+               select: str, task: str, log=print, class_names: Sequence[str] | None = None,
+               pretrain: str | None = None) -> list[str]:
+  """Per label fraction: validation curves (mean ± std band per arm over folds × seeds) and row-normalised
+  confusion matrices / predicted-vs-true scatter of the chosen-lr runs; the paired differences with their 95%
+  intervals; the pretraining run's probe curve (when it has a linear probe)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -691,6 +835,13 @@ def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, An
   by_name = {r.name: r for r in runs}
   written = []
   colors = {"pretrained": "tab:blue", "scratch": "tab:orange"}
+
+  def save(fig, name):
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, name))
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+
   for fraction in sorted({f for f, _ in chosen}):
     sel = [by_name[n] for n in sorted(done) if by_name[n].fraction == fraction
            and by_name[n].lr == chosen.get((fraction, by_name[n].init))]
@@ -698,16 +849,20 @@ def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, An
       continue
     tag = f"frac{int(round(fraction * 100)):03d}"
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in sel:
-      steps, values = _curve(r.dir(workdir), select)
-      ax.plot(steps, values, color=colors[r.init], alpha=0.7, label=r.init)
-    handles = {l.get_label(): l for l in ax.get_lines()}
-    ax.legend(handles.values(), handles.keys())
-    ax.set(xlabel="step", ylabel=f"validation {select}", title=f"{fraction * 100:g}% labels: one line per fold × seed")
-    fig.tight_layout()
-    written.append(os.path.join(out_dir, f"curves_{tag}.png"))
-    fig.savefig(written[-1], dpi=90)
-    plt.close(fig)
+    for init in INITS:
+      curves = [_curve(r.dir(workdir), select) for r in sel if r.init == init]
+      curves = [c for c in curves if c[0]]
+      if not curves:
+        continue
+      common = sorted(set.intersection(*(set(c[0]) for c in curves)))
+      vals = np.asarray([[dict(zip(*c))[t] for t in common] for c in curves], np.float64)
+      mean, std = vals.mean(axis=0), vals.std(axis=0, ddof=1) if len(vals) > 1 else np.zeros(len(common))
+      ax.plot(common, mean, color=colors[init], label=f"{init} (n={len(curves)})")
+      ax.fill_between(common, mean - std, mean + std, color=colors[init], alpha=0.2)
+    ax.legend()
+    ax.set(xlabel="step", ylabel=f"validation {select}",
+           title=f"{fraction * 100:g}% labels: mean ± std over folds × seeds")
+    save(fig, f"curves_{tag}.png")
 
     preds = {}
     for r in sel:
@@ -720,7 +875,9 @@ def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, An
     inits = [i for i in INITS if i in preds]
     if task == "classification":
       num_classes = preds[inits[0]][0]["output"].shape[-1]
-      fig, axes = plt.subplots(1, len(inits), figsize=(4.5 * len(inits), 4), squeeze=False)
+      names = list(class_names) if class_names and len(class_names) == num_classes else [
+          str(k) for k in range(num_classes)]
+      fig, axes = plt.subplots(1, len(inits), figsize=(4.8 * len(inits), 4.3), squeeze=False)
       for ax, init in zip(axes[0], inits):
         cm = sum(np.asarray(metrics.ConfusionMatrix.with_classes(num_classes).from_model_output(
             logits=p["output"], labels=p["label"]).compute()) for p in preds[init])
@@ -730,9 +887,11 @@ def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, An
           for j in range(num_classes):
             ax.text(j, i, f"{rate[i, j] * 100:.0f}", ha="center", va="center", fontsize=7,
                     color="white" if rate[i, j] > 0.5 else "black")
-        ax.set(xlabel="predicted", ylabel="true", title=f"{init} ({fraction * 100:g}% labels), row %")
-      fig.tight_layout()
-      written.append(os.path.join(out_dir, f"confusion_{tag}.png"))
+        ax.set_xticks(range(num_classes), names, rotation=45, ha="right")
+        ax.set_yticks(range(num_classes), names)
+        ax.set(xlabel="predicted", ylabel="true",
+               title=f"{init} ({fraction * 100:g}% labels), row %, {int(cm.sum())} clips")
+      save(fig, f"confusion_{tag}.png")
     else:
       k = preds[inits[0]][0]["output"].shape[-1]
       fig, axes = plt.subplots(len(inits), k, figsize=(3.5 * k, 3.3 * len(inits)), squeeze=False)
@@ -744,10 +903,36 @@ def make_plots(workdir: str, runs: Sequence[Run], rows: Sequence[Mapping[str, An
           lo, hi = float(np.nanmin(y)), float(np.nanmax(y))
           ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
           ax.set(xlabel="true", ylabel="predicted", title=f"{init}: target {j} ({fraction * 100:g}%)")
-      fig.tight_layout()
-      written.append(os.path.join(out_dir, f"scatter_{tag}.png"))
-    fig.savefig(written[-1], dpi=90)
-    plt.close(fig)
+      save(fig, f"scatter_{tag}.png")
+
+  diffs = [g for g in table["groups"] if g["init"] == "pretrained - scratch" and g.get("intervals")]
+  if diffs:
+    key = next(iter(diffs[0]["intervals"]))
+    scale = 100.0 if task == "classification" else 1.0
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, g in enumerate(diffs):
+      mean = g["metrics"][key][0] * scale
+      lo, hi = (v * scale for v in g["intervals"][key])
+      ax.errorbar([i], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=6, color="tab:blue")
+      ax.annotate(f"{mean:+.1f}" if scale == 100 else f"{mean:+.3f}", (i, mean), xytext=(8, 0),
+                  textcoords="offset points", va="center")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(diffs)), [f"{g['fraction'] * 100:g}% labels (n={g['n']})" for g in diffs])
+    ax.set_xlim(-0.5, len(diffs) - 0.5)
+    ax.set(ylabel=f"pretrained − scratch, test {key[len('test_'):]}" + (" (points)" if scale == 100 else ""),
+           title="paired differences, 95% t-intervals")
+    save(fig, "differences.png")
+
+  if pretrain:
+    probe = {m: _curve(pretrain, m, "probe") for m in ("accuracy", "ccc_mean")}
+    probe = {m: c for m, c in probe.items() if c[0]}
+    if probe:
+      fig, ax = plt.subplots(figsize=(5.5, 3.5))
+      for m, (steps, values) in probe.items():
+        ax.plot(steps, values, "o-", label=f"probe {m}")
+      ax.legend()
+      ax.set(xlabel="pretraining step", ylabel="held-out probe", title="linear probe on the frozen encoder")
+      save(fig, "probe.png")
   return written
 
 
@@ -760,7 +945,7 @@ def main(argv):
   t0 = time.time()
   workdir = os.path.abspath(os.path.expanduser(f.workdir))
   stats = run_sweep(sweep_file(f.sweep), workdir, dry_run=f.dry_run, only=f.only, plots=f.plots,
-                    aggregate_only=f.aggregate_only, extra_overrides=parse_set(f.set))
+                    aggregate_only=f.aggregate_only, extra_overrides=parse_set(f.set), parallel=f.parallel)
   if not f.dry_run:
     print(f"sweep finished in {time.time() - t0:.0f}s: {len(stats['launched'])} runs launched, "
           f"{len(stats['skipped'])} skipped (finished before), {len(stats['failed'])} failed; results in "
@@ -777,6 +962,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("only", "", "Only runs whose name contains this substring.")
   flags.DEFINE_bool("plots", True, "Write plots/ (needs an evaluation pass per run for predictions.npz).")
   flags.DEFINE_bool("aggregate_only", False, "Launch nothing; aggregate what is there.")
+  flags.DEFINE_integer("parallel", 1, "Fine-tuning runs at a time (after pretraining); e.g. 2 on a 2-core CPU, "
+                       "where one small run leaves a core idle.")
   flags.DEFINE_multi_string("set", [], "Config override for every run and the pretraining run, <field>=<value> "
                             "(e.g. --set=total_steps=2 for a smoke run); part of each run's spec.")
   flags.mark_flags_as_required(["sweep", "workdir"])
