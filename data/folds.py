@@ -345,7 +345,7 @@ def subset_ids(subsets: Mapping[str, Any], fold: str, seed: int, fraction: float
   try:
     return subsets[key][fold][str(seed)][fraction_key(fraction)]
   except KeyError:
-    raise KeyError(f"subsets file has no {split} clip ids for fold {fold!r}, seed {seed}, fraction {fraction} (it "
+    raise KeyError(f"subsets file has no {'' if split == 'train' else 'validation '}clip ids for fold {fold!r}, seed {seed}, fraction {fraction} (it "
                    f"has folds {sorted(subsets[key])}, seeds {subsets.get('seeds')}, fractions "
                    f"{subsets.get('fractions')})") from None
 

@@ -1,14 +1,15 @@
 r"""Fine-tuning sweeps: folds x label fractions x seeds x init (pretrained / scratch) x learning rates.
 
   python -m launch.sweep --sweep=configs/sweeps/synth_table.py --workdir=<dir> [--dry_run] [--only=<substring>]
-      [--noplots] [--aggregate_only]
+      [--noplots] [--aggregate_only] [--parallel=2] [--set=<field>=<value>]
 
 --workdir is taken from the current directory, --sweep from the current directory or else the repository root;
 relative paths inside a sweep file (config, folds, subsets, init_from, data.train / eval / test overrides) are taken
 from the repository root, so a sweep file means the same from any directory. All of them are made absolute once,
 before anything is written: run.json and the trainer's --workdir hold absolute paths (Orbax refuses relative ones).
 
-A sweep file is a python module whose get_sweep() returns a dict:
+A sweep file is a python module whose get_sweep() returns a dict (--sweep=<file>:<argument> calls
+get_sweep(<argument>), as config files take a variant):
   config     base fine-tuning config file[:variant] (relative to the repository root or absolute)
   pretrain   optional: {"config": <file[:variant]>, "overrides": {...}} run first, once, in <workdir>/pretrain
              (its workdir is the init_from of the "pretrained" arm), or {"init_from": <existing run / checkpoint>}
@@ -18,6 +19,13 @@ A sweep file is a python module whose get_sweep() returns a dict:
   fractions, seeds, inits ("pretrained" and/or "scratch"), lrs: the axes
   overrides  fixed config overrides, dotted keys ({"total_steps": 300, "data.train": <dir>, ...})
   name       optional title of the results table
+  prepare    optional {"creates": <dir>, "command": [...]}: run first (from the repository root; "python" means
+             this interpreter) when <dir> does not exist, e.g. to generate a synthetic benchmark
+  subsample_validation  optional (False): runs below fraction 1 also select on that fraction of the validation
+             clips (stratified, drawn into <workdir>/subsets.json; needs subsets=None)
+  gate       optional {"model": <metric>, "beat": <metric>, "baselines": [...]}: metrics of the pretraining run's
+             final_metrics.json (lower is better); unless model < beat the table reports "pretraining did not
+             learn" instead of the pretrained - scratch rows
 
 Each run is `python -m avt_jax.main --config=configs/sweeps/run.py:<run dir>/run.json --workdir=<run dir>` with
 <run dir> = <workdir>/runs/<fold>_frac<percent>_seed<seed>_<init>_lr<lr>; run.json holds the base config and every
@@ -33,9 +41,11 @@ Then <workdir>/results.csv (one row per run) and <workdir>/results.md: per label
 at the validation-selected checkpoint, mean +- sample std (ddof=1) over folds x seeds, at the learning rate whose
 mean validation value of select_metric (over the group's folds x seeds) is highest (ties: the smaller rate); the
 test split never influences any choice. The pretrained - scratch row is the mean +- std of the paired
-differences (same fold, seed and fraction, each arm at its chosen rate). Plots in <workdir>/plots/: validation
-curves, confusion matrices (classification) or predicted-vs-true scatter (regression) from each run's
-predictions.npz (written by `predict_run` after the run: test split, selected checkpoint).
+differences (same fold, seed and fraction, each arm at its chosen rate) with their 95% t-interval; each row
+also counts the labelled clips its runs trained and selected on. Plots in <workdir>/plots/: validation
+curves (mean +- std band per arm), row-normalised confusion matrices with class names (classification) or
+predicted-vs-true scatter (regression) from each run's predictions.npz (written by `predict_run` after the run: test
+split, selected checkpoint), the paired differences with their intervals, and the pretraining run's probe curve.
 """
 
 from __future__ import annotations

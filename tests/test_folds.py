@@ -47,6 +47,17 @@ def test_crema_d_folds_are_contiguous_actor_blocks():
     assert len(f["train"]) == 91 - (hi - lo + 1) - 9
 
 
+def test_synth_v2_folds_are_six_speaker_blocks():
+  folds = _load("avt_synth_v2.json")
+  assert folds == json.loads(json.dumps(folds_lib.synth_v2_folds()))
+  speakers = [f"synth_s{s:02d}" for s in range(30)]
+  _check_partition(folds, speakers)
+  for k, f in enumerate(folds["folds"]):
+    assert f["test"] == speakers[6 * k:6 * k + 6]
+    assert f["validation"] == speakers[6 * ((k + 1) % 5):6 * ((k + 1) % 5) + 4]
+    assert len(f["train"]) == 20
+
+
 def test_msp_improv_is_leave_one_session_out():
   folds = _load("msp_improv.json")
   assert folds == json.loads(json.dumps(folds_lib.msp_improv_folds()))
@@ -222,3 +233,26 @@ def test_written_files_replace_the_old_ones_whole(tmp_path):
   folds_lib._write_json(str(path), {"b": [1, 2]}, indent=None)  # pylint: disable=protected-access
   assert path.read_text() == '{"b": [1, 2]}\n'
   assert os.listdir(path.parent) == ["x.json"]  # no temporary file left beside it
+
+
+def test_validation_subsets_are_stratified_seeded_apart_and_leave_training_subsets_unchanged():
+  rows = [{"clip_id": f"synth_s{s:02d}_c{k:03d}", "speaker": f"synth_s{s:02d}", "label": (s + k) % 6}
+          for s in range(30) for k in range(24)]
+  folds = folds_lib.synth_v2_folds()
+  plain = folds_lib.make_subsets(rows, folds, fractions=[0.1, 1.0], seeds=[0])
+  both = folds_lib.make_subsets(rows, folds, fractions=[0.1, 1.0], seeds=[0], validation=True)
+  assert both["subsets"] == plain["subsets"] and "validation_subsets" not in plain
+  for f in folds["folds"]:
+    parts = folds_lib.split_rows(rows, folds, f["name"])
+    val_ids = {r["clip_id"] for r in parts["validation"]}
+    small = folds_lib.subset_ids(both, f["name"], 0, 0.1, split="validation")
+    full = folds_lib.subset_ids(both, f["name"], 0, 1.0, split="validation")
+    assert set(full) == val_ids and set(small) <= val_ids            # validation clips only, nested
+    label = {r["clip_id"]: r["label"] for r in rows}
+    per_class = np.bincount([label[c] for c in small], minlength=6)
+    assert per_class.tolist() == [2] * 6                              # 16 per class -> round(1.6) = 2
+    filters = folds_lib.fold_filters(folds, f["name"], folds_lib.subset_ids(both, f["name"], 0, 0.1), small)
+    assert filters["eval_filter"] == {"clip_ids": tuple(small)}
+    assert filters["test_filter"] == {"where": {"speaker": tuple(f["test"])}}
+  with pytest.raises(KeyError, match="validation_subsets"):
+    folds_lib.subset_ids(plain, "fold0", 0, 0.1, split="validation")

@@ -106,3 +106,42 @@ def test_masked_l1_matches_numpy():
   assert int(count) == keep.sum()
   loss0, _ = masking.masked_l1(pred, target, np.zeros((3, 6), bool))
   assert float(loss0) == 0.0
+
+
+def test_zeroed_frame_l1_matches_a_loop_over_frames():
+  """The gate's sums (model and the past-mean / clip-mean predictors) against a frame-by-frame computation."""
+  rng = np.random.default_rng(3)
+  b, t, da, dv = 3, 7, 4, 2
+  lengths = np.array([7, 5, 3])
+  mask = np.arange(t)[None, :] < lengths[:, None]
+  selected = (rng.random((b, t)) < 0.5) & mask
+  selected[2, :] = [True, False, True, False, False, False, False]   # t=0 zeroed: no earlier visible frame
+  action = rng.integers(0, 3, size=(b, t)).astype(np.int32)
+  action[2, 0] = masking.ZERO
+  plan = masking.MaskPlan(jnp.asarray(selected), jnp.asarray(action), jnp.zeros((b, t), jnp.int32),
+                          jnp.zeros((b, t), jnp.int32))
+  batch = {"mask": jnp.asarray(mask), "weight": jnp.asarray([1.0, 1.0, 1.0], jnp.float32),
+           "audio_target": jnp.asarray(rng.normal(size=(b, t, da)), jnp.float32),
+           "visual_target": jnp.asarray(rng.normal(size=(b, t, dv, 1)), jnp.float32)}
+  outputs = {"recon_audio": jnp.asarray(rng.normal(size=(b, t, da)), jnp.float32),
+             "recon_visual": jnp.asarray(rng.normal(size=(b, t, dv, 1)), jnp.float32)}
+  got = jax.tree.map(float, masking.zeroed_frame_l1(outputs, batch, plan))
+
+  want = {"model": 0.0, "past_mean": 0.0, "clip_mean": 0.0, "frames": 0.0}
+  for i in range(b):
+    visible = [s for s in range(t) if mask[i, s] and not (selected[i, s] and action[i, s] != masking.KEEP)]
+    for s in range(t):
+      if not (selected[i, s] and action[i, s] == masking.ZERO):
+        continue
+      want["frames"] += 1
+      for m in ("audio", "visual"):
+        y = np.asarray(batch[f"{m}_target"][i]).reshape(t, -1)
+        clip = y[visible].mean(0)
+        earlier = [v for v in visible if v < s]
+        past = y[earlier].mean(0) if earlier else clip
+        for name, guess in (("model", np.asarray(outputs[f"recon_{m}"][i, s]).reshape(-1)), ("past_mean", past),
+                            ("clip_mean", clip)):
+          want[name] += np.abs(guess - y[s]).mean()
+  assert want["frames"] == got["frames"] > 0
+  for k in ("model", "past_mean", "clip_mean"):
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5)

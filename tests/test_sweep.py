@@ -1,7 +1,9 @@
 """The sweep launcher (launch/sweep.py): expansion, dry runs, resuming, aggregation, one real mini sweep."""
 
+import collections
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -154,9 +156,16 @@ def test_finished_runs_are_skipped_and_results_match_a_hand_computation(tmp_path
   m, s = groups["pretrained - scratch"]["metrics"]["test_uar"]  # (0.52 - 0.31), (0.66 - 0.45)
   assert m == pytest.approx(0.21) and s == pytest.approx(0.0, abs=1e-9)
   md = (workdir / "results.md").read_text()
-  assert "| 10% | pretrained | 0.0001 | 2 | 60.0 ± 14.1 | 59.0 ± 9.9 | 58.0 ± 5.7 |" in md
-  assert "| 10% | scratch | 0.001 | 2 | 40.0 ± 14.1 | 38.0 ± 9.9 | 36.0 ± 5.7 |" in md
-  assert "| 10% | **pretrained − scratch** | | 2 | +20.0 ± 0.0 | +21.0 ± 0.0 | +22.0 ± 0.0 |" in md
+  # Labels: the 10% subsets of the two folds' 390 training clips (39 and 38 clips after per-class rounding); all 90
+  # validation clips (this sweep does not subsample them).
+  subsets = folds_lib.load_subsets(SYNTH_SUBSETS)
+  assert [len(folds_lib.subset_ids(subsets, f, 0, 0.1)) for f in ("fold0", "fold1")] == [39, 38]
+  assert "| 10% | pretrained | 0.0001 | 2 | 38–39 / 90 | 60.0 ± 14.1 | 59.0 ± 9.9 | 58.0 ± 5.7 |" in md
+  assert "| 10% | scratch | 0.001 | 2 | 38–39 / 90 | 40.0 ± 14.1 | 38.0 ± 9.9 | 36.0 ± 5.7 |" in md
+  assert ("| 10% | **pretrained − scratch** | | 2 | | +20.0 ± 0.0 [+20.0, +20.0] | +21.0 ± 0.0 [+21.0, +21.0] | "
+          "+22.0 ± 0.0 [+22.0, +22.0] |") in md
+  assert {(r["name"][:5], r["train_labels"], r["validation_labels"]) for r in rows} == {("fold0", "39", "90"),
+                                                                                         ("fold1", "38", "90")}
   assert md in "\n".join(lines) + "\n"
   assert os.path.exists(workdir / "plots" / "curves_frac010.png")
   # Every file is written whole through records.write_atomic: no temporary files are left behind.
@@ -253,9 +262,30 @@ def test_aggregate_regression_and_missing_runs():
       rows.append(row)
   table = sweep_lib.aggregate(rows, "ccc_mean", title="t")
   md = table["markdown"]
-  assert "| labels | init | lr | n | CCC arousal | CCC valence | CCC mean |" in md
-  assert "| 100% | pretrained | 0.001 | 2/3 | 0.700 ± 0.141 | 0.400 ± 0.141 | 0.550 ± 0.141 |" in md
-  assert "| 100% | **pretrained − scratch** | | 2 | +0.100 ± 0.000 |" in md
+  assert "| labels | init | lr | n | labels train / val | CCC arousal | CCC valence | CCC mean |" in md
+  assert "| 100% | pretrained | 0.001 | 2/3 | – / – | 0.700 ± 0.141 | 0.400 ± 0.141 | 0.550 ± 0.141 |" in md
+  assert "| 100% | **pretrained − scratch** | | 2 | | +0.100 ± 0.000 [+0.100, +0.100] |" in md
+  assert "gate" not in md
+  # A failed gate replaces the comparison; the arms are still listed.
+  gate = {"passed": False, "values": {"eval/zeroed_l1": 0.9, "eval/zeroed_l1_past_mean": 0.8}, "step": 10,
+          "why": "eval/zeroed_l1 0.9000 >= eval/zeroed_l1_past_mean 0.8000"}
+  md = sweep_lib.aggregate(rows, "ccc_mean", title="t", gate=gate)["markdown"]
+  assert "Pretraining gate **failed: pretraining did not learn** (eval/zeroed_l1 0.9000 >= " in md
+  assert "| 100% | **pretrained − scratch** | | 2 | | pretraining did not learn |" in md
+  assert "| 100% | pretrained | 0.001 | 2/3 |" in md
+
+
+def test_paired_interval_is_scipys_paired_t_interval():
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  a = np.array([0.42, 0.51, 0.38, 0.47, 0.55, 0.40, 0.44, 0.49, 0.36, 0.52])
+  b = np.array([0.35, 0.49, 0.30, 0.45, 0.41, 0.38, 0.40, 0.50, 0.33, 0.43])
+  mean, std, lo, hi = sweep_lib.paired_interval(a - b)
+  ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+  assert mean == pytest.approx(np.mean(a - b)) and std == pytest.approx(np.std(a - b, ddof=1))
+  assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-12)
+  # By hand: t(0.975, 9) = 2.2621572.
+  assert hi - mean == pytest.approx(2.2621572 * std / np.sqrt(10), rel=1e-6)
+  assert all(np.isnan(v) for v in sweep_lib.paired_interval([0.1])[2:])
 
 
 def test_changed_spec_of_a_started_run_is_refused(tmp_path):
@@ -309,7 +339,7 @@ def test_end_to_end_mini_sweep(tmp_path, monkeypatch):
                      pretrain={"init_from": pretrained}, fold_names=["fold2"], fractions=[0.25], seeds=[0],
                      lrs=[1e-3], overrides={"total_steps": 4})
   workdir = tmp_path / "w"
-  stats = sweep_lib.run_sweep(path, str(workdir), log=lambda _: None)
+  stats = sweep_lib.run_sweep(path, str(workdir), log=lambda _: None, parallel=2)  # both runs at once
   assert stats["failed"] == [] and len(stats["launched"]) == 2
   # No subsets file named: the sweep wrote one, stratified by binned targets.
   subsets = json.loads((workdir / "subsets.json").read_text())
@@ -460,3 +490,48 @@ def test_overrides_of_unknown_fields_are_refused():
     sweep_lib.apply_overrides(config, {"total_step": 5})
   with pytest.raises(sweep_lib.SweepError, match="no field 'optimiser'"):
     sweep_lib.apply_overrides(config, {"optimiser.lr": 5})
+
+
+def test_synth_v2_sweep_prepares_its_benchmark_and_subsamples_validation(tmp_path, monkeypatch):
+  """configs/sweeps/synth_v2.py pointed at another seed's benchmark: written first (the real generator), runs on
+  it, validation subsets at 10% counted in the table's columns; a directory of another seed is refused."""
+  data = tmp_path / "bench"
+  lines = []
+  stats = sweep_lib.run_sweep(f"configs/sweeps/synth_v2.py:seed=3,data={data}", str(tmp_path / "w"), dry_run=True,
+                              log=lines.append)
+  info = json.loads((data / "dataset_info.json").read_text())
+  assert info["generator"]["seed"] == 3 and info["dataset"] == "avt_synth_v2"
+  assert any(l.startswith(f"preparing {data}: ") for l in lines)
+  assert len(stats["commands"]) == 41                      # pretraining + 5 folds x 2 seeds x 2 fractions x 2 inits
+  pre = json.loads((tmp_path / "w" / "pretrain" / "run.json").read_text())["overrides"]
+  assert pre["data.train"] == str(data / "pretrain") and pre["evals.probe.fit.path"] == str(data / "pretrain_val")
+  cfg = sweep_lib.build_config(str(tmp_path / "w" / "pretrain" / "run.json"))
+  assert cfg.data.eval == cfg.evals.probe.data.path == str(data / "pretrain_val") and cfg.task == "pretrain"
+  assert set(cfg.evals.probe.fit.where.speaker) | set(cfg.evals.probe.data.where.speaker) == {
+      f"synthval_s{k:02d}" for k in range(10)}
+  subsets = folds_lib.load_subsets(str(tmp_path / "w" / "subsets.json"))
+  folds = folds_lib.load_folds(os.path.join(REPO, "data", "folds", "avt_synth_v2.json"))
+  for name, fraction in (("fold2_frac010_seed1_scratch_lr1e-03", 0.1), ("fold2_frac100_seed1_scratch_lr1e-03", 1.0)):
+    o = json.loads((tmp_path / "w" / "runs" / name / "run.json").read_text())["overrides"]
+    assert o["data.train"] == o["data.eval"] == o["data.test"] == str(data)
+    if fraction < 1:
+      assert o["data.eval_filter"]["clip_ids"] == folds_lib.subset_ids(subsets, "fold2", 1, 0.1, split="validation")
+      # 4 speakers x 24 clips; per class max(1, round(10% of its clips)), half up.
+      val = folds_lib.split_rows(folds_lib.read_manifest(str(data)), folds, "fold2")["validation"]
+      per_class = collections.Counter(r["label"] for r in val)
+      assert len(val) == 96 and len(o["data.eval_filter"]["clip_ids"]) == sum(
+          max(1, math.floor(0.1 * n + 0.5)) for n in per_class.values())
+      val_labels = len(o["data.eval_filter"]["clip_ids"])
+    else:
+      assert o["data.eval_filter"] == {"where": {"speaker": folds["folds"][2]["validation"]}}
+  runs = sweep_lib.expand(sweep_lib.load_sweep(sweep_lib.sweep_file(f"configs/sweeps/synth_v2.py:seed=3,data={data}")),
+                          str(tmp_path / "w"), subsets, folds_lib.read_manifest(str(data)), lambda r: r["label"] >= 0)
+  run = next(r for r in runs if r.name == "fold2_frac010_seed1_scratch_lr1e-03")
+  assert (run.train_labels, run.validation_labels) == (len(folds_lib.subset_ids(subsets, "fold2", 1, 0.1)),
+                                                       val_labels)
+  full = next(r for r in runs if r.name == "fold2_frac100_seed1_scratch_lr1e-03")
+  assert (full.train_labels, full.validation_labels) == (480, 96)
+  with pytest.raises(ValueError, match="holds avt_synth version 2 seed 3, not version 2 seed 4"):
+    sweep_lib.load_sweep(sweep_lib.sweep_file(f"configs/sweeps/synth_v2.py:seed=4,data={data}"))
+  with pytest.raises(ValueError, match="expected 'seed=<n>', 'data=<dir>'"):
+    sweep_lib.load_sweep(sweep_lib.sweep_file("configs/sweeps/synth_v2.py:seeds=4"))

@@ -123,3 +123,47 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
   assert (other / "notes.txt").read_text() == "precious"
   with pytest.raises(ValueError, match="max_tokens"):
     synth.generate(str(tmp_path / "x"), min_tokens=9, max_tokens=8)
+
+
+def _probe_accuracy(clips, features, fraction):
+  """Mean test accuracy of a standardised logistic regression over the 5 v2 folds x subset seeds 0, 1."""
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  folds = folds_lib.synth_v2_folds()
+  rows = [dict(clip_id=c["clip_id"], speaker=c["speaker"], label=int(c["label"])) for c in clips]
+  subsets = folds_lib.make_subsets(rows, folds, fractions=[fraction], seeds=[0, 1])
+  by_id = {c["clip_id"]: c for c in clips}
+  accs = []
+  for f in folds["folds"]:
+    test = [r["clip_id"] for r in folds_lib.split_rows(rows, folds, f["name"])["test"]]
+    for seed in (0, 1):
+      train = folds_lib.subset_ids(subsets, f["name"], seed, fraction)
+      x = np.stack([features(by_id[i]) for i in train])
+      scaler = StandardScaler().fit(x)
+      model = LogisticRegression(max_iter=2000).fit(scaler.transform(x), [by_id[i]["label"] for i in train])
+      pred = model.predict(scaler.transform(np.stack([features(by_id[i]) for i in test])))
+      accs.append(np.mean(pred == np.array([by_id[i]["label"] for i in test])))
+  return float(np.mean(accs))
+
+
+def test_v2_hides_the_label_from_input_statistics_but_not_from_the_latent():
+  parts, _ = synth.simulate(version=2, seed=0, pretrain_speakers=0, validation_speakers=0)
+  clips = parts["labelled"]
+  assert len(clips) == 720 and all(int(c["num_tokens"]) == 16 for c in clips)
+  stats = lambda c: np.concatenate([c[k].mean(0) for k in ("audio", "visual")] + [c[k].std(0) for k in ("audio",
+                                                                                                      "visual")])
+  assert _probe_accuracy(clips, stats, 0.1) <= 0.50       # measured 45.7%; v1's clip means give ~71%
+  assert _probe_accuracy(clips, lambda c: c["latent_level"], 0.1) >= 0.90   # measured 94.0%
+
+
+def test_v2_parts_and_the_v1_layout(tmp_path):
+  counts = synth.generate(str(tmp_path / "v2"), version=2, num_speakers=2, clips_per_speaker=3, pretrain_speakers=2,
+                          pretrain_clips_per_speaker=2, validation_speakers=1)
+  assert counts == {"labelled": 6, "pretrain": 4, "pretrain_val": 2}
+  info = json.loads((tmp_path / "v2" / "dataset_info.json").read_text())
+  assert info["dataset"] == "avt_synth_v2" and info["generator"]["version"] == 2
+  held = _shard(tmp_path / "v2" / "pretrain_val")
+  assert [c["speaker"] for c in held] == ["synthval_s00"] * 2 and all(int(c["label"]) >= 0 for c in held)
+  assert "latent_level" not in held[0]            # the generator's latent is not in the records
+  assert all(int(c["label"]) == -1 for c in _shard(tmp_path / "v2" / "pretrain"))
+  with pytest.raises(ValueError, match="validation_speakers is a v2 part"):
+    synth.generate(str(tmp_path / "v1"), validation_speakers=1)
