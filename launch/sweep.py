@@ -637,8 +637,9 @@ def read_gate(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any] | None:
   g = sweep.get("gate")
   if not g or not sweep.get("pretrain"):
     return None
-  path = os.path.join(pretrain_dir(sweep, workdir), FINAL)
-  metrics, problem = read_final(os.path.dirname(path))
+  run_dir = pretrain_dir(sweep, workdir)
+  path = os.path.join(run_dir, FINAL)
+  metrics, problem = read_final(run_dir)
   names = [g["model"], g["beat"], *g.get("baselines", ())]
   if metrics is None or any(n not in metrics for n in names):
     return {"passed": None, "values": {}, "why": problem or f"{path} lacks {[n for n in names if n not in (metrics or {})]}"}

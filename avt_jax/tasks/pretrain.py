@@ -24,16 +24,18 @@ class Pretrain(base.Task):
   def build_model(self, model_config):
     return avt.PretrainModel(model_config)
 
-  def loss(self, params, batch, rng, train):
+  def _reconstruct(self, params, batch, rng, train):
+    """(model outputs on the masked batch, the masking plan): one draw of masks and dropout from `rng`."""
     mask_rng, dropout_rng = self.split_rng(rng)
     masked, plan = masking.mask_batch(mask_rng, batch, ratio=self.ratio, span=self.span, probs=self.probs)
-    out = self.apply(params, masked, dropout_rng, train)
+    return self.apply(params, masked, dropout_rng, train), plan
+
+  def loss(self, params, batch, rng, train):
+    out, plan = self._reconstruct(params, batch, rng, train)
     return masking.pretrain_loss(out, batch, plan)
 
   def eval_stats(self, params, batch, rng):
-    mask_rng, dropout_rng = self.split_rng(rng)
-    masked, plan = masking.mask_batch(mask_rng, batch, ratio=self.ratio, span=self.span, probs=self.probs)
-    out = self.apply(params, masked, dropout_rng, False)
+    out, plan = self._reconstruct(params, batch, rng, False)
     _, aux = masking.pretrain_loss(out, batch, plan)
     n = aux["masked_frames"]
     zeroed = masking.zeroed_frame_l1(out, batch, plan)
