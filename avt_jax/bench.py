@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from avt_jax import config_lib, costs, input_pipeline, sharding, train
+from avt_jax import config_lib, costs, input_pipeline, sharding, tasks, train
 from avt_jax import setup as setup_lib
 from avt_jax.models import avt
 
@@ -112,7 +112,7 @@ def mesh_label(mesh: Mapping[str, int]) -> str:
 
 def bench_config(size: str, batch: int, dtype: str = "bfloat16", seq_len: int = 100, audio_dim: int = 512,
                  visual_dim: int = 17, *, mesh: Mapping[str, int] | None = None, remat: bool = False,
-                 scan_layers: bool = False, grad_accum: int = 1, attention_impl: str = "",
+                 scan_layers: bool = False, grad_accum: int = 1, attention_impl: str = "", prng_impl: str = "",
                  **model_overrides) -> ml_collections.ConfigDict:
   """The pretraining config of the benchmark: features frontends, synthetic data, the trainer's optimizer."""
   c = config_lib.base_config("pretrain")
@@ -122,6 +122,7 @@ def bench_config(size: str, batch: int, dtype: str = "bfloat16", seq_len: int = 
                              attention_impl=attention_impl, **model_overrides)
   c.batch_size = batch
   c.grad_accum_steps = grad_accum
+  c.prng_impl = prng_impl
   c.data.max_tokens = seq_len
   c.mesh = ml_collections.ConfigDict(dict(mesh or {"data": -1, "fsdp": 1, "tensor": 1}))
   c.mesh.rules = ()
@@ -149,7 +150,7 @@ def synthetic_batch(key: jax.Array, config, shardings: Mapping[str, Any]) -> dic
     full = {"audio": audio, "visual": visual, "mask": mask, "audio_target": audio, "visual_target": visual,
             "label": jnp.zeros((b,), jnp.int32), "targets": jnp.zeros((b, 3), jnp.float32),
             "weight": jnp.ones((b,), jnp.float32)}
-    return {k: full[k] for k in shardings}  # the keys the task reads
+    return {k: full[k] for k in shardings}  # the keys the step reads
 
   return jax.jit(make, out_shardings=dict(shardings))(key)
 
@@ -162,7 +163,8 @@ class Step:
     self.setup = setup_lib.build(config, _geometry(config), devices=devices)
     self.mesh, self.rules = self.setup.mesh, self.setup.rules
     self.abstract_state, self.state_shardings = self.setup.abstract_state, self.setup.state_shardings
-    self.batch_shardings = self.setup.batch_shardings
+    # The pipeline's stored-scale batch: the step finishes it on the devices, as in training.
+    self.batch_shardings = {k: v.sharding for k, v in self.setup.abstract_stored_batch.items()}
     self._jitted = train.jit_train_step(self.setup)
     self.compiled = None
     self.compile_s = 0.0
@@ -170,7 +172,8 @@ class Step:
   def lower(self):
     """The traced and lowered step (XLA's cost analysis of the unoptimised program is available from it)."""
     with self.setup.scope():
-      return self._jitted.lower(self.abstract_state, self.setup.abstract_batch, jax.random.key(0))
+      return self._jitted.lower(self.abstract_state, self.setup.abstract_stored_batch,
+                                train.step_key(self.config))
 
   def compile(self):
     """Compiles the step (compile_s: tracing, lowering and XLA compilation)."""
@@ -206,6 +209,7 @@ class Result:
   scan_layers: bool
   grad_accum: int
   devices: int
+  prng: str = ""
   compile_s: float = float("nan")
   step_ms: float = float("nan")
   clips_per_s: float = float("nan")
@@ -253,6 +257,8 @@ def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: flo
   m = config.model
   res = Result(m.size, config.batch_size, m.dtype, "", bool(m.remat), bool(m.scan_layers),
                int(config.grad_accum_steps), 0)
+  rng = train.step_key(config)  # the trainer's key, of config.prng_impl
+  res.prng = str(jax.random.key_impl(rng))
   step = Step(config, devices)
   res.mesh = mesh_label(dict(step.mesh.shape))
   res.devices = step.mesh.size
@@ -267,7 +273,6 @@ def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: flo
     return res
   state = step.init_state()
   batch = step.batch(0)
-  rng = jax.random.key(1)
   times = []
   out = None
   for i in range(warmup + steps):
@@ -289,11 +294,12 @@ def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: flo
 
 def time_loader(path: str, batch: int, seq_len: int, *, num_batches: int = 20, warmup: int = 2,
                 worker_count: int = 0, mesh=None) -> dict[str, float]:
-  """Batches/s and clips/s of the training input pipeline on a prepared directory, including the transfer of each
-  batch onto the devices (`sharding.global_batch`)."""
+  """Batches/s and clips/s of the training input pipeline on a prepared directory (pretraining's keys, stored
+  scale, as the trainer reads it), including the transfer of each batch onto the devices
+  (`sharding.global_batch`)."""
   mesh = mesh or sharding.make_mesh({"data": -1})
   ds = input_pipeline.make_dataset(path, split="train", global_batch_size=batch, seed=0, max_tokens=seq_len,
-                                   worker_count=worker_count)
+                                   worker_count=worker_count, keys=tasks.get("pretrain").batch_keys, finish=False)
   it = iter(ds)
   for _ in range(warmup):
     jax.block_until_ready(sharding.global_batch(next(it), mesh))
@@ -313,7 +319,7 @@ def compare_dtypes(size: str, batch: int, *, steps: int = 5, seq_len: int = 100,
     step = Step(bench_config(size, batch, dtype, seq_len, audio_dim, visual_dim, mesh=mesh))
     step.compile()
     state = step.init_state()  # Parameters are float32 whatever the compute dtype: the same initial values.
-    rng = jax.random.key(1)
+    rng = train.step_key(step.config)
     losses[dtype] = []
     for i in range(steps):
       state, out = step(state, step.batch(100 + i), rng)
@@ -326,20 +332,20 @@ def compare_dtypes(size: str, batch: int, *, steps: int = 5, seq_len: int = 100,
 
 
 COLUMNS = (("size", "{}"), ("batch", "{}"), ("dtype", "{}"), ("mesh", "{}"), ("remat", "{}"), ("scan", "{}"),
-           ("accum", "{}"), ("compile s", "{:.1f}"), ("step ms", "{:.1f}"), ("clips/s", "{:,.0f}"),
+           ("accum", "{}"), ("prng", "{}"), ("compile s", "{:.1f}"), ("step ms", "{:.1f}"), ("clips/s", "{:,.0f}"),
            ("TFLOP/s/dev", "{:.3g}"), ("MFU", "{:.1%}"), ("xla/model", "{:.2f}"), ("mem GiB", "{:.3g}"),
            ("peak GiB", "{:.3g}"))
 
 
 def _cells(r: Result) -> list[str]:
   values = (r.size, r.batch, r.dtype, r.mesh, "y" if r.remat else "n", "y" if r.scan_layers else "n", r.grad_accum,
-            r.compile_s, r.step_ms, r.clips_per_s, r.tflops_per_device, r.mfu, r.xla_over_model, r.mem_gib,
+            r.prng, r.compile_s, r.step_ms, r.clips_per_s, r.tflops_per_device, r.mfu, r.xla_over_model, r.mem_gib,
             r.peak_gib)
   cells = []
   for (_, fmt), v in zip(COLUMNS, values):
     cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
   if r.error:
-    cells[7:] = [r.error] + [""] * (len(cells) - 8)
+    cells[8:] = [r.error] + [""] * (len(cells) - 9)
   return cells
 
 
@@ -377,6 +383,9 @@ def _define_flags():
   flags.DEFINE_list("scan_layers", ["false"], "Scan over layers: false, true or both.")
   flags.DEFINE_list("grad_accum", ["1"], "Gradient accumulation steps (micro-batches per step).")
   flags.DEFINE_string("attention_impl", "", "jax.nn.dot_product_attention implementation ('', 'xla', 'cudnn').")
+  flags.DEFINE_bool("fused_qkv", False, "Self-attention Q/K/V as one product with stacked kernels (model.fused_qkv).")
+  flags.DEFINE_list("prng_impl", [""], "Key implementations of the step's dropout and masking (config.prng_impl: "
+                    "threefry2x32, rbg, unsafe_rbg, philox4x32; '' = the platform default).")
   flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s of one device (default: from the device kind).")
   flags.DEFINE_string("loader", "", "Prepared dataset directory: also time the input pipeline on it.")
   flags.DEFINE_integer("loader_batches", 20, "Batches timed per loader measurement.")
@@ -414,16 +423,18 @@ def main(argv):
         for remat in _bools(f.remat):
           for scan in _bools(f.scan_layers):
             for accum in (int(a) for a in f.grad_accum):
-              config = bench_config(size, batch, dtype, f.seq, audio_dim, visual_dim, mesh=mesh, remat=remat,
-                                    scan_layers=scan, grad_accum=accum, attention_impl=f.attention_impl)
-              try:
-                r = time_train_step(config, steps=f.steps, warmup=f.warmup, peak_flops=f.peak_flops,
-                                    compile_only=f.compile_only)
-              except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the other rows)
-                r = Result(size, batch, dtype, mesh_label(mesh), remat, scan, accum, jax.device_count(),
-                           error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
-              results.append(r)
-              print(format_table([r]).splitlines()[-1], flush=True)
+              for prng in f.prng_impl:
+                config = bench_config(size, batch, dtype, f.seq, audio_dim, visual_dim, mesh=mesh, remat=remat,
+                                      scan_layers=scan, grad_accum=accum, attention_impl=f.attention_impl,
+                                      prng_impl=prng, fused_qkv=f.fused_qkv)
+                try:
+                  r = time_train_step(config, steps=f.steps, warmup=f.warmup, peak_flops=f.peak_flops,
+                                      compile_only=f.compile_only)
+                except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the other rows)
+                  r = Result(size, batch, dtype, mesh_label(mesh), remat, scan, accum, jax.device_count(), prng,
+                             error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                results.append(r)
+                print(format_table([r]).splitlines()[-1], flush=True)
   print()
   print(f"pretraining step, T={f.seq}, features {audio_dim}/{visual_dim}, {_device_line()}")
   print(format_table(results))

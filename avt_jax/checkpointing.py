@@ -83,12 +83,15 @@ def has_iterator_state(manager: ocp.CheckpointManager, step: int) -> bool:
 
 
 def position_iterator(data_iter, batch_index: int) -> None:
-  """Moves a fresh (in-process) Grain iterator to batch `batch_index`."""
+  """Moves a fresh (in-process) Grain iterator, or a `sharding.DevicePrefetch` of one, to batch `batch_index`."""
   state = data_iter.get_state()
+  encoded = isinstance(state, bytes)  # DevicePrefetch speaks Grain's JSON-bytes protocol
+  state = json.loads(state) if encoded else state
   if not isinstance(state, dict) or "next_index" not in state:
     raise ValueError("cannot position this data iterator (prefetch workers?): resume with the process count the "
                      "checkpoint was written with, or with data.worker_count=0")
-  data_iter.set_state(dict(state, next_index=int(batch_index)))
+  state = dict(state, next_index=int(batch_index))
+  data_iter.set_state(json.dumps(state).encode() if encoded else state)
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -128,6 +128,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.compilation_cache_dir = ""      # '' = ~/.cache/avt_jax/xla, 'none' = off
   c.peak_flops = 0.0                # per device, for MFU; 0 = from the device kind table
   c.allow_resume_changes = ""       # comma-separated config fields (or 'process_count') a resume may change
+  c.prng_impl = ""                  # dropout / masking keys of the train step: threefry | rbg | unsafe_rbg | ''
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.mesh.rules = ()                 # () = avt_jax.sharding.DEFAULT_RULES
@@ -142,6 +143,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.data.test = ""                  # test split: evaluated once at the end, at the selected checkpoint
   c.data.max_tokens = 16            # T: clips are cropped / zero-padded to this many tokens (5 per second)
   c.data.worker_count = 0
+  c.data.device_prefetch = 2        # training batches transferred to the devices ahead of use (0 = at the step)
   c.data.normalization = "encoder"  # input statistics: encoder (init_from's, else dataset) | dataset | train | none
 
   # Evaluators by name (avt_jax/evaluators/<type>.py): "during" ones run every eval_every_steps and at the end,

@@ -4,10 +4,14 @@ The record and batch formats are described in docs/data_format.md. The pipeline 
 API so that its iterator can be checkpointed (`get_state` / `set_state`, or `grain.checkpoint.CheckpointSave`
 inside an Orbax `CheckpointManager`):
 
-  train: source(s) -> shuffle per epoch -> repeat -> [mix] -> random crop + targets -> process slice -> batch
-         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform]
-  eval:  source(s) -> [concatenate] -> process slice -> crop from 0 + targets -> pad with weight-0 clips -> batch
-         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform]
+  train: source(s) -> shuffle per epoch -> repeat -> [mix] -> crop start -> batch (assemble) -> process slice
+         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform] -> [finish]
+  eval:  source(s) -> [concatenate] -> process slice -> pad with weight-0 items -> batch (assemble)
+         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform] -> [finish]
+
+Assembling (`BatchAssembler`) slices each clip's window and copies it once into the batch arrays, at stored scale;
+finishing (`BatchFinisher`: normalisation, reconstruction targets, zeroed padding) is pure array arithmetic that
+runs here in numpy or, in training, inside the jitted step on the devices (`finish=False`).
 
 Batching happens on the random-access (MapDataset) side, so a batch's content depends only on the seed, the
 process index/count and the batch size, never on the number of prefetch workers.
@@ -541,117 +545,179 @@ def compute_normalization(sources: Sequence[Any], source: str = "data.train") ->
   return out
 
 
-class ClipTransform:
-  """Record dict -> model example (crop/pad to `max_tokens`, normalise, targets, mask, zero padding).
+# Keys the finishing step computes from the others; everything else is what the host assembles.
+TARGET_KEYS = ("audio_target", "visual_target")
 
-  Called as `transform(record, rng)`: with `train=True` the crop start is drawn from `rng` and the
-  augmentations run; with `train=False` (or rng None) the crop starts at token 0. Augmentations are picklable
-  callables `aug(example, rng) -> example` that see the cropped, padded example (keys audio, visual, mask,
-  label, targets; audio already normalised) before the targets are computed, and must keep shapes and dtypes.
+
+def stored_keys(keys: Sequence[str]) -> tuple[str, ...]:
+  """The keys the host assembles for a model batch of `keys`: the inputs and labels, plus `mask`, which finishing
+  needs; never the reconstruction targets (computed from the inputs by `BatchFinisher`)."""
+  keys = tuple(_known_key(k) for k in keys)
+  out = tuple(k for k in keys if k not in TARGET_KEYS)
+  return out if "mask" in out else out + ("mask",)
+
+
+class BatchAssembler:
+  """(record, crop start) items -> one batch at stored scale: each clip's window sliced and copied once into the
+  batch arrays, zeros past its end; mask, label, targets, weight. Items whose record is None are padding clips
+  (mask False, label -1, targets NaN, weight 0). Used as grain's `batch_fn`, so it runs where the batch is built
+  (a prefetch worker or the consuming process)."""
+
+  def __init__(self, geometry: Geometry, max_tokens: int, keys: Sequence[str]):
+    self.geometry, self.max_tokens, self.keys = geometry, int(max_tokens), stored_keys(keys)
+
+  def __call__(self, items: Sequence[tuple[Mapping[str, Any] | None, int]]) -> dict[str, np.ndarray]:
+    geo, t, b = self.geometry, self.max_tokens, len(items)
+    if geo.kind == "raw":
+      ka, kv, s = geo.audio_frames, geo.visual_frames, geo.visual_size
+      audio = np.empty((b, t * ka, geo.audio_dim), np.float32)
+      visual = np.empty((b, t * kv, s, s, 3), np.uint8)
+    else:
+      ka = kv = 1
+      audio = np.empty((b, t, geo.audio_dim), np.float32)
+      visual = np.empty((b, t, geo.visual_dim), np.float32)
+    mask = np.zeros((b, t), bool)
+    label = np.full((b,), -1, np.int32)
+    clip_targets = np.full((b, 3), np.nan, np.float32)
+    weight = np.zeros((b,), np.float32)
+    for i, (record, start) in enumerate(items):
+      n = 0
+      if record is not None:
+        n = min(int(np.asarray(record["num_tokens"])), t)
+        audio[i, :n * ka] = record["audio"][start * ka:(start + n) * ka]
+        visual[i, :n * kv] = record["visual"][start * kv:(start + n) * kv]
+        mask[i, :n] = True
+        label[i] = np.asarray(record["label"])
+        clip_targets[i] = np.asarray(record["targets"], np.float32).reshape(3)
+        weight[i] = 1.0
+      audio[i, n * ka:] = 0  # np.empty above: only the tail past the clip is written twice, not the whole batch
+      visual[i, n * kv:] = 0
+    if geo.kind == "raw":
+      audio = audio.reshape(b, t, ka, geo.audio_dim)
+      visual = visual.reshape(b, t, kv, s, s, 3)
+    batch = {"audio": audio, "visual": visual, "mask": mask, "label": label, "targets": clip_targets,
+             "weight": weight}
+    return {k: batch[k] for k in self.keys}
+
+
+class BatchFinisher:
+  """Stored-scale batch -> model batch: inputs scaled with the run's normalisation, the reconstruction targets
+  (pretraining), padding frames zeroed. Pure array arithmetic, so the same code runs on the host
+  (`finisher(batch)`, numpy) and inside the jitted step on the devices (`finisher(batch, jnp)`).
+
+  Normalisation (see `normalization_of`): per-dimension audio mean/std; per-dimension visual mean/std (features)
+  or the face target's scalar target_mean/target_std (raw); {"kind": "none"} leaves everything unscaled.
   """
 
-  def __init__(self, info: Mapping[str, Any], max_tokens: int, *, train: bool,
-               augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = (),
-               keys: Sequence[str] = BATCH_KEYS, normalization: Mapping[str, Any] | None = None):
-    if max_tokens < 1:
-      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+  def __init__(self, geometry: Geometry, normalization: Mapping[str, Any], keys: Sequence[str] = BATCH_KEYS):
+    self.geometry = geometry
     self.keys = tuple(_known_key(k) for k in keys)
-    # Reconstruction targets cost more than the rest of the transform on raw data: only pretraining reads them.
-    self._with_targets = bool({"audio_target", "visual_target"} & set(self.keys))
-    self.geometry = Geometry.from_info(info)
-    self.max_tokens = int(max_tokens)
-    self.train = train
-    self.augmentations = tuple(augmentations)
-    # The statistics the inputs are scaled with: the dataset's own unless the run says otherwise (see
-    # `normalization_of`; a fine-tuning run uses its encoder's).
-    self.normalization = dict(normalization) if normalization is not None else normalization_of(info)
+    self._with_targets = bool(set(TARGET_KEYS) & set(self.keys))
+    self.normalization = dict(normalization)
     norm = self.normalization
     where = norm.get("source", "dataset_info.json")
     if norm.get("kind") == "none":
       norm = {"audio": {}, "visual": {"target_mean": 0.0, "target_std": 1.0}}
-    elif self.geometry.kind == "raw" and ("mean" not in norm["audio"] or "target_mean" not in norm["visual"]):
+    elif geometry.kind == "raw" and ("mean" not in norm["audio"] or "target_mean" not in norm["visual"]):
       raise records.RecordError(f"{where} (raw kind): audio mean/std and visual target_mean/target_std are "
                                 "required")
-    self._audio_mean, self._audio_std = self._stats(norm["audio"], "mean", "std", self.geometry.audio_dim, where)
-    if self.geometry.kind == "raw":
-      self._target_mean = np.float32(norm["visual"]["target_mean"])
-      self._target_std = np.float32(max(float(norm["visual"]["target_std"]), _STD_FLOOR))
+    self.audio_mean, self.audio_std = self._stats(norm["audio"], geometry.audio_dim, where)
+    if geometry.kind == "raw":
+      self.target_mean = np.float32(norm["visual"]["target_mean"])
+      self.target_std = np.float32(max(float(norm["visual"]["target_std"]), _STD_FLOOR))
     else:
-      self._visual_mean, self._visual_std = self._stats(norm["visual"], "mean", "std", self.geometry.visual_dim,
-                                                        where)
+      self.visual_mean, self.visual_std = self._stats(norm["visual"], geometry.visual_dim, where)
 
   @staticmethod
-  def _stats(mod: Mapping[str, Any], mkey: str, skey: str, dim: int, where: str = "dataset_info.json"):
+  def _stats(mod: Mapping[str, Any], dim: int, where: str):
     """Per-dimension mean/std (identity if the modality has none)."""
-    if mkey not in mod:
+    if "mean" not in mod:
       return np.zeros((dim,), np.float32), np.ones((dim,), np.float32)
-    mean, std = np.asarray(mod[mkey], np.float32), np.asarray(mod[skey], np.float32)
+    mean, std = np.asarray(mod["mean"], np.float32), np.asarray(mod["std"], np.float32)
     if mean.shape != (dim,) or std.shape != (dim,):
-      raise records.RecordError(f"{where}: {mkey}/{skey} have shapes {mean.shape}/{std.shape}, "
-                                f"expected ({dim},)")
+      raise records.RecordError(f"{where}: mean/std have shapes {mean.shape}/{std.shape}, expected ({dim},)")
     return mean, np.maximum(std, _STD_FLOOR)
 
-  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    geo, t = self.geometry, self.max_tokens
-    total = int(np.asarray(record["num_tokens"]))
-    start = 0
-    if self.train and rng is not None and total > t:
-      start = int(rng.integers(0, total - t + 1))
-    n = min(total, t)
-    ka, kv = geo.audio_frames, geo.visual_frames
-    audio_in = (record["audio"][start * ka:(start + n) * ka] - self._audio_mean) / self._audio_std
-    mask = np.zeros((t,), bool)
-    mask[:n] = True
-    if geo.kind == "raw":
-      s = geo.visual_size
-      audio = np.zeros((t, ka, geo.audio_dim), np.float32)
-      audio[:n] = audio_in.reshape(n, ka, geo.audio_dim)
-      visual = np.zeros((t, kv, s, s, 3), np.uint8)
-      visual[:n] = record["visual"][start * kv:(start + n) * kv].reshape(n, kv, s, s, 3)
-    else:
-      audio = np.zeros((t, geo.audio_dim), np.float32)
-      audio[:n] = audio_in
-      visual = np.zeros((t, geo.visual_dim), np.float32)
-      visual[:n] = (record["visual"][start:start + n] - self._visual_mean) / self._visual_std
-    ex = {"audio": audio, "visual": visual, "mask": mask, "label": np.int32(np.asarray(record["label"])),
-          "targets": np.asarray(record["targets"], np.float32).reshape(3)}
-    if self.train and rng is not None:
-      for aug in self.augmentations:
-        ex = aug(ex, rng)
-    valid = ex["mask"]
+  def __call__(self, batch: Mapping[str, Any], xp: Any = np) -> dict[str, Any]:
+    geo = self.geometry
+    valid = batch["mask"]                                            # [B, T]
+    frames = valid[..., None, None] if geo.kind == "raw" else valid[..., None]
+    audio = xp.where(frames, (batch["audio"] - self.audio_mean) / self.audio_std, xp.float32(0))
+    out = dict(batch, audio=audio)
+    if geo.kind != "raw":
+      out["visual"] = xp.where(frames, (batch["visual"] - self.visual_mean) / self.visual_std, xp.float32(0))
     if self._with_targets:
       if geo.kind == "raw":
-        audio_target = ex["audio"].mean(axis=1)
-        visual_target = (targets.face_target(ex["visual"], geo.target_size) - self._target_mean) / self._target_std
+        audio_target = audio.mean(axis=2)
+        face = targets.face_target(batch["visual"], geo.target_size, xp)
+        visual_target = (face - self.target_mean) / self.target_std
       else:
-        audio_target, visual_target = ex["audio"].copy(), ex["visual"].copy()
-      ex["audio_target"] = np.where(valid[:, None], audio_target, 0).astype(np.float32)
-      ex["visual_target"] = np.where(valid[:, None], visual_target, 0).astype(np.float32)
-    pad = ~valid
-    ex["audio"][pad] = 0
-    ex["visual"][pad] = 0
-    ex["weight"] = np.float32(1.0)
-    return {k: ex[k] for k in self.keys}
+        audio_target, visual_target = out["audio"], out["visual"]
+      out["audio_target"] = xp.where(valid[..., None], audio_target, xp.float32(0)).astype(xp.float32)
+      out["visual_target"] = xp.where(valid[..., None], visual_target, xp.float32(0)).astype(xp.float32)
+    return {k: out[k] for k in self.keys}
+
+
+class ClipTransform:
+  """One record -> one model example (crop/pad to `max_tokens`, normalise, targets, mask, zero padding): the
+  pipeline's `BatchAssembler` and `BatchFinisher` (numpy) on a batch of one clip, for callers that build
+  examples themselves (sliding-window prediction).
+
+  Called as `transform(record, rng)`: with `train=True` the crop start is drawn from `rng` as in training; with
+  `train=False` (or rng None) the crop starts at token 0.
+  """
+
+  def __init__(self, info: Mapping[str, Any], max_tokens: int, *, train: bool, keys: Sequence[str] = BATCH_KEYS,
+               normalization: Mapping[str, Any] | None = None):
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    self.geometry = Geometry.from_info(info)
+    self.train = train
+    self._crop = CropStart(max_tokens)
+    self._assemble = BatchAssembler(self.geometry, max_tokens, keys)
+    self._finish = BatchFinisher(self.geometry, normalization if normalization is not None else
+                                 normalization_of(info), keys)
+    self.normalization = self._finish.normalization
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    item = self._crop(record, rng) if self.train and rng is not None else (record, 0)
+    return {k: v[0] for k, v in self._finish(self._assemble([item])).items()}
+
+
+class CropStart:
+  """record -> (record, crop start): training crops start uniformly over the windows of `max_tokens` tokens that
+  fit (0 when the clip is not longer)."""
+
+  def __init__(self, max_tokens: int):
+    self.max_tokens = int(max_tokens)
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> tuple[Mapping[str, Any], int]:
+    total = int(np.asarray(record["num_tokens"]))
+    return record, (int(rng.integers(0, total - self.max_tokens + 1)) if total > self.max_tokens else 0)
+
+
+def _at_start(record: Mapping[str, Any]) -> tuple[Mapping[str, Any], int]:
+  return record, 0
+
+
+class _PaddingSource:
+  """`count` padding items (no record) for the last eval batch."""
+
+  def __init__(self, count: int):
+    self._count = count
+
+  def __len__(self) -> int:
+    return self._count
+
+  def __getitem__(self, index: int) -> tuple[None, int]:
+    if not 0 <= int(index) < self._count:
+      raise IndexError(index)
+    return None, 0
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Dataset assembly.
 # --------------------------------------------------------------------------------------------------------------
-
-
-class _PaddingSource:
-  """`count` copies of a padding clip (for the last eval batch)."""
-
-  def __init__(self, example: Mapping[str, np.ndarray], count: int):
-    self._example, self._count = dict(example), count
-
-  def __len__(self) -> int:
-    return self._count
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    if not 0 <= int(index) < self._count:
-      raise IndexError(index)
-    return {k: np.copy(v) for k, v in self._example.items()}
 
 
 class _BatchTransform:
@@ -681,18 +747,17 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
 def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, max_tokens: int,
                  process_index: int | None = None, process_count: int | None = None, shuffle: bool = True,
                  num_epochs: int | None = None, worker_count: int = 0, mixture: Sequence[float] | None = None,
-                 augmentations: Sequence[Callable[[dict, np.random.Generator], dict]] = (),
                  batch_transform: Callable[[dict, np.random.Generator], dict] | None = None,
-                 keys: Sequence[str] = BATCH_KEYS, normalization: Mapping[str, Any] | None = None
-                 ) -> grain.IterDataset:
+                 keys: Sequence[str] = BATCH_KEYS, normalization: Mapping[str, Any] | None = None,
+                 finish: bool = True) -> grain.IterDataset:
   """Builds the Grain dataset of batches (docs/data_format.md) for this process.
 
   Args:
     spec: dataset spec (see `parse_spec`); several sources are mixed with their weights for training and
       concatenated for evaluation. All sources must have the same kind and shapes.
-    split: "train" (shuffled, random crops, augmentations, `drop_remainder`, repeats forever unless
-      `num_epochs`) or "eval" (one pass in record order, crops from token 0, last batch padded with clips of
-      weight 0; every process yields the same number of batches).
+    split: "train" (shuffled, random crops, `drop_remainder`, repeats forever unless `num_epochs`) or "eval" (one
+      pass in record order, crops from token 0, last batch padded with clips of weight 0; every process yields
+      the same number of batches).
     global_batch_size: batch size over all processes; this process yields batches of
       global_batch_size // process_count.
     seed: seeds shuffling (a new order per epoch), the random crops and `batch_transform`.
@@ -702,12 +767,16 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     num_epochs: train only; None repeats forever. With a mixture, the epochs of the source exhausted first.
     worker_count: > 0 prefetches batches in that many processes (`mp_prefetch`); batches do not depend on it.
     mixture: optional weights overriding the `weight` of each source of the spec.
-    augmentations: train-only per-clip callables, see `ClipTransform`.
-    batch_transform: optional picklable `fn(batch, rng) -> batch` applied to every numpy batch in the
-      consuming process (e.g. span masking); rng is a numpy Generator, deterministic and checkpointed.
-    keys: the batch keys to build (a task's `batch_keys`); reconstruction targets are computed only if asked for.
+    batch_transform: optional picklable `fn(batch, rng) -> batch` applied to every assembled numpy batch (stored
+      scale, before finishing) in the consuming process (e.g. an augmentation); rng is a numpy Generator,
+      deterministic and checkpointed. It must keep the keys, shapes and dtypes.
+    keys: the model batch keys (a task's `batch_keys`); reconstruction targets are computed only if asked for.
     normalization: the statistics that scale the inputs (`normalization_of`, `compute_normalization` or
       NO_NORMALIZATION); default: the first source's dataset_info.
+    finish: True: batches are finished on the host (`BatchFinisher`, numpy): the model batch of `keys`. False:
+      batches stay at stored scale (`stored_keys(keys)`: inputs as stored, uint8 faces, no targets) and the
+      caller finishes them on the devices (`finisher(...)(batch, jnp)` inside its jitted step), which is what
+      the trainer does: the host then only reads, slices and copies.
 
   Returns:
     A grain IterDataset; `iter(ds)` gives a checkpointable iterator of dicts of numpy arrays.
@@ -729,8 +798,7 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     if len(s) == 0:
       raise ValueError(f"dataset {s.name!r} has no clips (after filtering)")
   train = split == "train"
-  transform = ClipTransform(sources[0].info, max_tokens, train=train, augmentations=augmentations, keys=keys,
-                            normalization=normalization)
+  assemble = BatchAssembler(geometry, max_tokens, keys)
 
   if train:
     parts = []
@@ -746,23 +814,23 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
       if len(weights) != len(parts) or min(weights) <= 0:
         raise ValueError(f"mixture weights {weights} must be {len(parts)} positive numbers")
       ds = grain.MapDataset.mix(parts, weights)
-    ds = ds.random_map(transform, seed=_derive_seed(seed, 2))
+    ds = ds.random_map(CropStart(max_tokens), seed=_derive_seed(seed, 2))
     # Batch, then give process p the batches p, p + n, ...: global batch k (the processes' local batches k, process
     # 0 first) is then exactly the single-process batch k, clips in the same order, for any process count.
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=assemble)
     ds = ds[process_index::process_count]
   else:
     ds = grain.MapDataset.source(sources[0])
     if len(sources) > 1:
       ds = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in sources])
     total = len(ds)
-    ds = ds[process_index::process_count].map(transform)
+    ds = ds[process_index::process_count].map(_at_start)
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
     pad = num_batches * batch_size - len(ds)
     if pad:
-      padding = grain.MapDataset.source(_PaddingSource(zero_example(geometry, max_tokens, keys), pad))
+      padding = grain.MapDataset.source(_PaddingSource(pad))
       ds = grain.MapDataset.concatenate([ds, padding]) if len(ds) else padding
-    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.batch(batch_size, drop_remainder=False, batch_fn=assemble)
 
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if worker_count > 0:
@@ -772,5 +840,8 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
                                                      per_worker_buffer_size=2))
   if batch_transform is not None:
     it = it.random_map(_BatchTransform(batch_transform), seed=_derive_seed(seed, 3, process_index))
+  if finish:
+    it = it.map(BatchFinisher(geometry, normalization if normalization is not None else
+                              normalization_of(sources[0].info), keys))
   return it
 

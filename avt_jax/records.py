@@ -18,6 +18,10 @@ from flax import serialization
 
 REQUIRED_KEYS = ("clip_id", "dataset", "speaker", "session", "label", "targets", "num_tokens", "audio", "visual")
 DATASET_INFO = "dataset_info.json"
+# One record per chunk, uncompressed: a clip is one read of its bytes. Compression saves little on these arrays
+# (15% on real uint8 face crops, nothing on float features) and made reading a record about 10x slower (2.3 ms
+# against 0.23 ms per raw sample clip); shards written with compression stay readable.
+SHARD_OPTIONS = "group_size:1,uncompressed"
 # What the `label` field means, per dataset (data.prepare writes the index; -1 = no label).
 CLASS_NAMES = {
     "crema_d": ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD"),
@@ -138,7 +142,7 @@ def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> int:
   """Writes examples to an ArrayRecord shard at `path` atomically (see `replacing`). Returns the record count."""
   n = 0
   with replacing(path) as tmp:
-    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(tmp, SHARD_OPTIONS)
     try:
       for ex in examples:
         writer.write(encode(ex))

@@ -168,6 +168,9 @@ class Setup:
   param_shardings: Any
   batch_shardings: dict[str, Any]
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  # What the training input pipeline delivers (input_pipeline.stored_keys: inputs at stored scale, no targets);
+  # the train step finishes it on the devices (`finisher`).
+  abstract_stored_batch: dict[str, jax.ShapeDtypeStruct]
   abstract_state: Any = None
   state_shardings: Any = None
   tx: optax.GradientTransformation | None = None
@@ -178,6 +181,12 @@ class Setup:
   @property
   def model(self) -> nn.Module:
     return self.task.model
+
+  def finisher(self) -> input_pipeline.BatchFinisher:
+    """Stored-scale batch -> the task's model batch, with this run's normalisation (`normalization`, resolved by
+    the trainer; unscaled inputs if it was never set, as in benchmarks on synthetic data)."""
+    return input_pipeline.BatchFinisher(self.geometry, self.normalization or input_pipeline.NO_NORMALIZATION,
+                                        self.task.batch_keys)
 
   @contextlib.contextmanager
   def scope(self):
@@ -242,6 +251,9 @@ def build(config, geometry: input_pipeline.Geometry, *, optimizer: bool = True, 
   shapes = input_pipeline.batch_shapes(geometry, batch_size, max_tokens, task.batch_keys)
   batch_shardings = {k: sharding.batch_sharding(mesh) for k in shapes}
   abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_shardings[k]) for k, (s, d) in shapes.items()}
+  stored = input_pipeline.batch_shapes(geometry, batch_size, max_tokens, input_pipeline.stored_keys(task.batch_keys))
+  abstract_stored_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh))
+                           for k, (s, d) in stored.items()}
   rng = jax.random.key(config.seed)
 
   def init_variables(key):
@@ -255,7 +267,8 @@ def build(config, geometry: input_pipeline.Geometry, *, optimizer: bool = True, 
     abstract_params = _with_shardings(sharding.strip_boxes(boxed), param_shardings)
     out = Setup(config=config, task=task, geometry=geometry, mesh=mesh, rules=rules, batch_size=batch_size,
                 max_tokens=max_tokens, abstract_params=abstract_params, param_shardings=param_shardings,
-                batch_shardings=batch_shardings, abstract_batch=abstract_batch)
+                batch_shardings=batch_shardings, abstract_batch=abstract_batch,
+                abstract_stored_batch=abstract_stored_batch)
     if not optimizer:
       return out
     tx, schedule = optim.make_optimizer(config.optimizer, sharding.strip_boxes(boxed))

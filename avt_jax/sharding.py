@@ -118,3 +118,92 @@ def describe(tree: Any) -> list[tuple[str, tuple[int, ...], str]]:
     spec = getattr(getattr(x, "sharding", None), "spec", None)
     rows.append((name, tuple(x.shape), str(spec)))
   return rows
+
+
+class DevicePrefetch:
+  """Iterates global device batches (`global_batch` of each local batch of `iterator`), `size` ahead of use,
+  transferred by a background thread, so the step does not wait for a host-to-device copy.
+
+  Checkpointable with `grain.checkpoint.CheckpointSave/Restore` (Grain's protocol for iterators that are not its
+  own: the state is JSON bytes): `get_state()` is the wrapped iterator's state right after the last batch handed
+  out (not after the ones prefetched beyond it), so a run resumed from a checkpoint reads exactly the batches an
+  uninterrupted run would. `set_state` drops what was prefetched.
+  """
+
+  _END = object()
+
+  def __init__(self, iterator, mesh: Mesh, size: int = 2):
+    if size < 1:
+      raise ValueError(f"prefetch size must be >= 1, got {size}")
+    self._it, self._mesh, self._size = iterator, mesh, int(size)
+    self._queue = None
+    self._thread = None
+    self._stop = None
+    self._state = None  # None: nothing handed out since the last set_state; the wrapped iterator's state is current
+
+  def __iter__(self):
+    return self
+
+  def _fill(self, queue, stop) -> None:
+    import queue as queue_lib  # pylint: disable=g-import-not-at-top
+
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          queue.put(item, timeout=0.1)
+          return True
+        except queue_lib.Full:
+          continue
+      return False
+
+    try:
+      while not stop.is_set():
+        try:
+          local = next(self._it)
+        except StopIteration:
+          put(self._END)
+          return
+        if not put((global_batch(local, self._mesh), self._it.get_state())):
+          return
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consuming thread)
+      put(e)
+
+  def _start(self) -> None:
+    import queue as queue_lib  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self._queue, self._stop = queue_lib.Queue(maxsize=self._size), threading.Event()
+    self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop), daemon=True,
+                                    name="avt_jax-device-prefetch")
+    self._thread.start()
+
+  def __next__(self) -> dict[str, jax.Array]:
+    if self._thread is None:
+      self._start()
+    item = self._queue.get()
+    if item is self._END:
+      self._queue.put(item)  # Every later call ends too.
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    batch, self._state = item
+    return batch
+
+  def close(self) -> None:
+    """Stops the transfer thread (what it prefetched is dropped)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+
+  def get_state(self) -> bytes:
+    import json  # pylint: disable=g-import-not-at-top
+    return json.dumps(self._it.get_state() if self._state is None else self._state).encode()
+
+  def set_state(self, state: bytes | str) -> None:
+    import json  # pylint: disable=g-import-not-at-top
+    self.close()
+    self._it.set_state(json.loads(state))
+    self._state = None
+
+  def start_prefetch(self) -> None:
+    """Called by Grain's checkpoint restore; the transfer thread starts at the first `next` instead."""

@@ -31,7 +31,7 @@ def main(argv):
   enc = costs.count(params["encoder"])
   print(f"\nencoder path: {enc:,} parameters ({enc / 1e6:.2f}M); total {total / 1e6:.2f}M")
   with setup.scope():
-    compiled = train.jit_train_step(setup).lower(setup.abstract_state, setup.abstract_batch,
+    compiled = train.jit_train_step(setup).lower(setup.abstract_state, setup.abstract_stored_batch,
                                                  jax.random.key(0)).compile()
   flops = costs.compiled_flops(compiled)
   print(f"training step: batch {config.batch_size} x {config.data.max_tokens} tokens, "

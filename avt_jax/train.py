@@ -91,7 +91,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # `mesh` is safe because checkpoints restore onto any mesh.
 RESUME_SAFE = ("total_steps", "optimizer.total_steps", "log_every_steps", "eval_every_steps", "eval_max_batches",
                "checkpoint_every_steps", "keep_checkpoints", "compilation_cache_dir", "peak_flops", "eval_batch_size",
-               "data.worker_count", "workdir", "allow_resume_changes", "mesh")
+               "data.worker_count", "data.device_prefetch", "workdir", "allow_resume_changes", "mesh")
+# Fields added after runs were first written, with the value that does what those runs did: absent from a saved
+# config and at this value now is no change.
+ADDED_FIELDS = {"prng_impl": "", "model.fused_qkv": False}
 PROCESS_COUNT = "process_count"
 
 
@@ -127,7 +130,7 @@ def check_resume(config, saved: Mapping[str, Any], saved_path: str, stored_proce
   changed, refused = [], []
   for field in sorted(set(now) | set(before)):
     a, b = before.get(field, "<absent>"), now.get(field, "<absent>")
-    if a == b:
+    if a == b or (a == "<absent>" and field in ADDED_FIELDS and b == ADDED_FIELDS[field]):
       continue
     line = f"{field}: {a!r} in {saved_path}, {b!r} now"
     (changed if _covered(field, RESUME_SAFE + allowed) else refused).append(line)
@@ -199,8 +202,28 @@ def steps_from_epochs(config, train_sources) -> None:
 # The train step.
 
 
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule, accum: int = 1):
-  """train_step(state, batch, base_rng) -> (state, scalars): the task's loss, its gradient, one optimizer update."""
+# JAX's names; "threefry" is accepted for threefry2x32.
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg", "philox4x32")
+# config.prng_impl='' takes the platform's entry (measured: docs/scaling.md, "Dropout randomness").
+DEFAULT_PRNG_IMPL = {"cpu": "threefry2x32", "gpu": "threefry2x32", "tpu": "threefry2x32"}
+
+
+def step_key(config) -> jax.Array:
+  """The base key of the train step's randomness (dropout, masking), of config.prng_impl. Parameter
+  initialisation keeps the default implementation, so the initial model does not depend on this choice."""
+  impl = config.get("prng_impl", "") or DEFAULT_PRNG_IMPL.get(jax.default_backend(), "threefry2x32")
+  impl = "threefry2x32" if impl == "threefry" else impl
+  if impl not in PRNG_IMPLS:
+    raise ValueError(f"config.prng_impl={impl!r}; expected one of {PRNG_IMPLS} or '' (the platform default)")
+  return jax.random.key(config.seed + 2, impl=impl)
+
+
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule, accum: int = 1,
+                    finish: input_pipeline.BatchFinisher | None = None):
+  """train_step(state, batch, base_rng) -> (state, scalars): the task's loss, its gradient, one optimizer update.
+
+  With `finish`, `batch` is the input pipeline's stored-scale batch and is finished (normalised, targets) inside
+  the step, on the devices; without, it is already the task's model batch."""
   grad_fn = jax.value_and_grad(task.loss, has_aux=True)
   logged = tuple(task.train_metrics)
 
@@ -223,6 +246,8 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
     return (loss / accum, jax.tree.map(lambda v: v / accum, aux)), jax.tree.map(lambda g: g / accum, grads)
 
   def train_step(state, batch, base_rng):
+    if finish is not None:
+      batch = finish(batch, jnp)
     rng = jax.random.fold_in(base_rng, state["step"])
     if accum > 1:
       (loss, aux), grads = accumulated(state["params"], batch, rng)
@@ -238,10 +263,13 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
 
 
 def jit_train_step(setup: setup_lib.Setup):
-  """The train step of a setup, jitted with its shardings; the state is donated."""
+  """The train step of a setup, jitted with its shardings; the state is donated. It takes the input pipeline's
+  stored-scale batches (`setup.abstract_stored_batch`) and finishes them on the devices."""
   repl = sharding.replicated(setup.mesh)
-  step = make_train_step(setup.task, setup.tx, setup.schedule, int(setup.config.get("grad_accum_steps", 1)))
-  return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_shardings, repl),
+  step = make_train_step(setup.task, setup.tx, setup.schedule, int(setup.config.get("grad_accum_steps", 1)),
+                         finish=setup.finisher())
+  batch_shardings = {k: v.sharding for k, v in setup.abstract_stored_batch.items()}
+  return jax.jit(step, in_shardings=(setup.state_shardings, batch_shardings, repl),
                  out_shardings=(setup.state_shardings, repl), donate_argnums=(0,))
 
 
@@ -427,8 +455,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_ds = input_pipeline.make_dataset(
       config_lib.data_spec(config, "train"), split="train", global_batch_size=config.batch_size, seed=config.seed,
       max_tokens=config.data.max_tokens, worker_count=config.data.get("worker_count", 0), keys=task.batch_keys,
-      normalization=setup.normalization)
+      normalization=setup.normalization, finish=False)
   train_iter = iter(train_ds)
+  prefetch = int(config.data.get("device_prefetch", 0))
+  if prefetch:
+    train_iter = sharding.DevicePrefetch(train_iter, mesh, prefetch)
 
   def position(step):
     # Saved by another number of processes: the iterator state does not apply. Global batch k is the same for
@@ -447,9 +478,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = writers.make_writer(workdir)
 
     # --- Compile once, ahead of time: FLOPs for throughput / MFU.
-    base_rng = jax.random.key(config.seed + 2)
+    base_rng = step_key(config)
     t0 = time.time()
-    compiled = train_step.lower(setup.abstract_state, setup.abstract_batch, base_rng).compile()
+    compiled = train_step.lower(setup.abstract_state, setup.abstract_stored_batch, base_rng).compile()
     compile_s = time.time() - t0
     # XLA's cost analysis describes the per-device program of the partitioned step.
     flops_per_step = costs.compiled_flops(compiled) * jax.device_count()
@@ -478,7 +509,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           result["preempted_at"] = step
           return result
         t_step = time.time()
-        batch = sharding.global_batch(next(train_iter), mesh)
+        batch = next(train_iter) if prefetch else sharding.global_batch(next(train_iter), mesh)
         state, out = compiled(state, batch, base_rng)
         step += 1
         steps_since += 1
@@ -531,6 +562,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return result
     finally:
       stop.uninstall()
+      if prefetch:
+        train_iter.close()
       saver.close()
       try:
         manager.close()  # Waits for a save in flight.

@@ -3,6 +3,7 @@ models), and one end-to-end run of `python -m avt_jax.bench` on a tiny model."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -105,3 +106,38 @@ def test_bench_command_prints_the_table(tmp_path):
   losses = report["compare_dtypes"]["losses"]
   assert len(losses["float32"]) == len(losses["bfloat16"]) == 3
   assert report["loader"][0]["clips_per_s"] > 0
+
+
+def _cpu_env(**extra):
+  return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
+              PYTHONPATH=config_lib.REPO, JAX_COMPILATION_CACHE_DIR=CACHE,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", **extra)
+
+
+def test_gpu_check_dry_run_on_cpu_prints_every_section(tmp_path):
+  # The script a lent GPU runs once: here on the CPU with a tiny model, so that it is known to work before then.
+  env = _cpu_env(REQUIRE_GPU="0", SIZES="tiny", BATCHES="8", STEPS="1", FALLBACK="", LOADER_CLIPS="24",
+                 LOADER_BATCH="8", LOADER_BATCHES="2", OUT=str(tmp_path), WHEELS=str(tmp_path / "no_wheels"))
+  proc = subprocess.run(["bash", "scripts/gpu_check.sh"], env=env, cwd=config_lib.REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+  text = proc.stdout
+  for section in ("== machine", "== benchmark", "== switches", "== input pipeline per core"):
+    assert section in text, section
+  assert "dtype check: PASS" in text
+  prng = json.load(open(tmp_path / "gpu_check_prng.json"))["results"]
+  assert [r["prng"] for r in prng] == ["threefry2x32", "rbg", "unsafe_rbg"] and not any(r["error"] for r in prng)
+  loader = (tmp_path / "gpu_check_loader.txt").read_text()
+  rows = re.findall(r"^\s*this checkout\s+(\d)\s", loader, re.M)
+  assert rows == ["0", "1", "0", "1"], loader  # features and raw, 0 and 1 workers
+
+
+def test_bench_loader_compares_two_checkouts_side_by_side(tmp_path):
+  # The same checkout twice: the table has both, and their ratio (about 1; not asserted: timing).
+  cmd = [sys.executable, "bench/bench_loader.py", "--kind=raw", "--max_tokens=10", "--clips=16", "--batch_size=4",
+         "--batches=2", "--warmup=1", "--workers=0", f"--compare={config_lib.REPO}"]
+  proc = subprocess.run(cmd, env=_cpu_env(), cwd=config_lib.REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [l.split() for l in proc.stdout.splitlines() if l.strip().startswith(("this", "compared"))]
+  assert len(rows) == 2 and all(float(r[-3]) > 0 and r[-1] == "True" for r in rows), proc.stdout
+  assert "ratio this / compared, 0 workers:" in proc.stdout

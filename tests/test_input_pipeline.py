@@ -233,25 +233,24 @@ def test_face_target_area_average_vs_opencv():
   np.testing.assert_allclose(targets.face_target(even, 4), _hand_face_target(even, 4), atol=1e-6)
 
 
-def test_augmentation_runs_in_train_only_before_targets(raw_dir):
-  info = records.load_dataset_info(raw_dir)
-  clip = make_clip(2, 5)
-  flip = HorizontalFlip()
-  got = ip.ClipTransform(info, 5, train=True, augmentations=[flip])(clip, np.random.default_rng(0))
-  want = _hand_example(clip, info, 0, 5)
-  np.testing.assert_array_equal(got["visual"], want["visual"][:, :, :, ::-1])
-  vt = want["visual_target"].reshape(5, G, G)[:, :, ::-1].reshape(5, G * G)
-  np.testing.assert_allclose(got["visual_target"], vt, atol=1e-5)
-  plain = ip.ClipTransform(info, 5, train=False, augmentations=[flip])(clip, np.random.default_rng(0))
-  np.testing.assert_array_equal(plain["visual"], want["visual"])
+def test_batch_transform_augments_the_stored_batch_before_the_targets(raw_dir):
+  # An augmentation given as batch_transform sees the assembled batch at stored scale (uint8 faces); the
+  # reconstruction targets are computed afterwards, so they follow it.
+  kw = dict(split="train", global_batch_size=4, seed=1, max_tokens=4, process_index=0, process_count=1)
+  plain = next(iter(ip.make_dataset(raw_dir, **kw)))
+  flipped = next(iter(ip.make_dataset(raw_dir, batch_transform=HorizontalFlip(), **kw)))
+  np.testing.assert_array_equal(flipped["visual"], plain["visual"][..., ::-1, :])
+  vt = plain["visual_target"].reshape(4, 4, G, G)[..., ::-1].reshape(4, 4, G * G)
+  np.testing.assert_allclose(flipped["visual_target"], vt, atol=1e-5)
+  np.testing.assert_array_equal(flipped["audio"], plain["audio"])
 
 
 class HorizontalFlip:
 
-  def __call__(self, ex, rng):
+  def __call__(self, batch, rng):
     del rng
-    ex["visual"] = np.ascontiguousarray(ex["visual"][:, :, :, ::-1])
-    return ex
+    batch["visual"] = np.ascontiguousarray(batch["visual"][..., ::-1, :])  # [B, T, Kv, S, S(width), 3]
+    return batch
 
 
 # ----- order, sharding, eval coverage --------------------------------------------------------------------------
@@ -621,3 +620,83 @@ def test_normalisation_over_the_clips_equals_the_prepared_statistics():
     ip.ClipTransform(sources[0].info, 4, train=False, normalization={"kind": "stats", "source": "x.json",
                                                                      "audio": {}, "visual": {}})
 
+
+
+# ----- host assembly and device-side finishing ------------------------------------------------------------------
+
+GOLDEN_BATCHES = os.path.join(os.path.dirname(__file__), "golden", "pipeline_batches.json")
+# (dataset, split, batch size, max_tokens) of the golden batches: the shipped raw sample and the features benchmark.
+GOLDEN_CASES = [("sample/prepared", "train", 4, 12), ("sample/prepared", "eval", 4, 12),
+                ("sample/avt_synth", "train", 8, 16), ("sample/avt_synth", "eval", 16, 20)]
+
+
+def _fingerprints():
+  """Per clip of the first 3 batches of every golden case: the sum and the sum of |x| of every batch key."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = {}
+  for path, split, bs, t in GOLDEN_CASES:
+    it = iter(ip.make_dataset(os.path.join(repo, path), split=split, global_batch_size=bs, seed=3, max_tokens=t,
+                              process_index=0, process_count=1))
+    rows = []
+    for _ in range(3):
+      b = next(it)
+      rows.append({k: [np.nansum(x, axis=1).tolist(), np.nansum(np.abs(x), axis=1).tolist()]
+                   for k in ip.BATCH_KEYS for x in [np.asarray(b[k], np.float64).reshape(bs, -1)]})
+    out[f"{path}:{split}:{bs}:{t}"] = rows
+  return out
+
+
+def test_batches_equal_those_of_the_per_clip_pipeline_they_replaced():
+  # tests/golden/pipeline_batches.json was written by this fingerprint with the per-clip pipeline (one transform
+  # per record, then stacking) at commit ff7ba3c, before batches were assembled per batch: the same clips, crops,
+  # normalisation and targets for the same seed. Regenerate (AVT_UPDATE_GOLDEN=1) only for an intended change.
+  got = _fingerprints()
+  if os.environ.get("AVT_UPDATE_GOLDEN"):
+    with open(GOLDEN_BATCHES, "w") as f:
+      json.dump(got, f)
+  with open(GOLDEN_BATCHES) as f:
+    want = json.load(f)
+  assert sorted(got) == sorted(want)
+  for case in want:
+    for i, (g, w) in enumerate(zip(got[case], want[case])):
+      for key in w:
+        np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=1e-6, err_msg=f"{case} batch {i} {key}")
+
+
+def _stats_normalization(rng):
+  return {"kind": "stats", "source": "test",
+          "audio": {"mean": rng.normal(size=DA).tolist(), "std": rng.uniform(0.5, 2, size=DA).tolist()},
+          "visual": {"mean": rng.normal(size=DV).tolist(), "std": rng.uniform(0.5, 2, size=DV).tolist()}}
+
+
+@pytest.mark.parametrize("kind", ["raw", "features"])
+def test_device_finishing_equals_host_finishing(kind, raw_dir, feat_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  root = raw_dir if kind == "raw" else feat_dir
+  norm = None if kind == "raw" else _stats_normalization(np.random.default_rng(4))
+  keys = ("audio", "visual", "mask", "audio_target", "visual_target", "label", "weight")
+  for split in ("train", "eval"):
+    kw = dict(split=split, global_batch_size=4, seed=2, max_tokens=5, process_index=0, process_count=1, keys=keys,
+              normalization=norm)
+    host = take(ip.make_dataset(root, **kw), 2)
+    stored = take(ip.make_dataset(root, finish=False, **kw), 2)
+    geometry = ip.Geometry.from_info(records.load_dataset_info(root))
+    finisher = ip.BatchFinisher(geometry, norm or ip.normalization_of(records.load_dataset_info(root)), keys)
+    device = jax.jit(lambda b: finisher(b, jnp))
+    for h, s in zip(host, stored):
+      assert sorted(s) == sorted(ip.stored_keys(keys)) and "audio_target" not in s
+      if kind == "raw":
+        assert s["visual"].dtype == np.uint8  # faces travel as bytes; the targets are made on the device
+      d = jax.device_get(device(s))
+      assert sorted(d) == sorted(h)
+      for k in h:
+        assert d[k].dtype == h[k].dtype and d[k].shape == h[k].shape, k
+        np.testing.assert_allclose(d[k], h[k], rtol=1e-5, atol=1e-5, err_msg=f"{kind} {split} {k}")
+
+
+def test_face_target_on_the_device_equals_the_host_target():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  frames = np.random.default_rng(5).integers(0, 256, size=(2, 3, 5, 64, 64, 3), dtype=np.uint8)
+  np.testing.assert_allclose(np.asarray(targets.face_target(jnp.asarray(frames), 8, jnp)),
+                             targets.face_target(frames, 8), rtol=0, atol=2e-6)

@@ -242,3 +242,18 @@ def test_scanned_layers_with_remat_equal_the_layer_loop():
   a = loop_model.apply({"params": loop_params}, batch)["recon_audio"]
   b = scan_model.apply({"params": scan_params}, batch)["recon_audio"]
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_has_the_same_parameters_and_outputs_as_separate_projections():
+  rng = np.random.default_rng(9)
+  batch = _feature_batch(rng, lengths=[12, 7])
+  model, params = _init_apply(_tiny(num_layers=2), batch)
+  fused = avt.PretrainModel(_tiny(num_layers=2, fused_qkv=True))
+  fused_params = nn.meta.unbox(fused.init(jax.random.key(0), batch)["params"])
+  assert jax.tree.map(np.shape, fused_params) == jax.tree.map(np.shape, params)  # same names, shapes, layout
+  for train in (False, True):  # with dropout: the same draws, as the random streams do not depend on it
+    kw = dict(deterministic=not train, rngs={"dropout": jax.random.key(1)} if train else {})
+    want = model.apply({"params": params}, batch, **kw)
+    got = fused.apply({"params": params}, batch, **kw)
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)

@@ -215,3 +215,67 @@ def test_global_batch_splits_the_leading_axis_over_data_and_fsdp():
   shard_rows = sorted(int(s.data[0, 0, 0]) // 6 for s in batch["audio"].addressable_shards)
   assert shard_rows == list(range(8))  # One clip per device, each clip on exactly one device.
   assert batch["audio"].sharding.spec == jax.P(("data", "fsdp"))
+
+
+# ----- DevicePrefetch ---------------------------------------------------------------------------------------------
+
+
+def _sample_iterator():
+  return iter(input_pipeline.make_dataset(config_lib.SYNTH, split="train", global_batch_size=8, seed=1, max_tokens=6,
+                                          process_index=0, process_count=1, finish=False))
+
+
+def test_device_prefetch_gives_the_batches_on_the_mesh_and_the_state_of_the_last_one_handed_out():
+  mesh = _mesh({"data": 4})
+  plain = _sample_iterator()
+  want = [next(plain) for _ in range(6)]
+  states = []
+  fetch = sharding.DevicePrefetch(_sample_iterator(), mesh, size=3)
+  for k in range(4):
+    got = next(fetch)
+    assert got["audio"].sharding == sharding.batch_sharding(mesh)
+    for key, value in want[k].items():
+      np.testing.assert_array_equal(np.asarray(got[key]), value)
+    states.append(fetch.get_state())
+  # Three batches beyond the fourth are already prefetched, yet the state is that of batch 4: a checkpoint
+  # written now resumes at batch 5.
+  resumed = sharding.DevicePrefetch(_sample_iterator(), mesh)
+  resumed.set_state(states[1])
+  for k in (2, 3, 4, 5):
+    np.testing.assert_array_equal(np.asarray(next(resumed)["visual"]), want[k]["visual"])
+  fetch.set_state(states[0])  # rewinds a running prefetch: what it had fetched is dropped
+  np.testing.assert_array_equal(np.asarray(next(fetch)["visual"]), want[1]["visual"])
+  fetch.close()
+  resumed.close()
+
+
+class _Batches:
+  """A checkpointable iterator of `n` small batches that raises `error` at batch `fail_at` (1-based)."""
+
+  def __init__(self, n, fail_at=0):
+    self.n, self.fail_at, self.i = n, fail_at, 0
+
+  def __next__(self):
+    self.i += 1
+    if self.i == self.fail_at:
+      raise ValueError(f"record shard-00001[{self.i}] is broken")
+    if self.i > self.n:
+      raise StopIteration
+    return {"x": np.full((8, 2), self.i, np.float32)}
+
+  def get_state(self):
+    return {"i": self.i}
+
+
+def test_device_prefetch_raises_the_pipelines_error_in_the_consumer_and_ends_with_the_data():
+  fetch = sharding.DevicePrefetch(_Batches(5, fail_at=3), _mesh({"data": 2}))
+  assert [float(next(fetch)["x"][0, 0]) for _ in range(2)] == [1.0, 2.0]
+  with pytest.raises(ValueError, match=r"shard-00001\[3\] is broken"):
+    next(fetch)
+  fetch.close()
+  short = sharding.DevicePrefetch(_Batches(1), _mesh({"data": 2}))
+  next(short)
+  for _ in range(2):  # the end is final
+    with pytest.raises(StopIteration):
+      next(short)
+  short.close()

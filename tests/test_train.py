@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -384,3 +385,20 @@ def test_num_epochs_sets_the_steps_from_the_training_data():
   config.num_epochs = -1.0
   with pytest.raises(ValueError, match=r"config.num_epochs=-1.0; expected a number >= 0"):
     train.validate_config(config)
+
+
+def test_resume_is_bitwise_equal_with_another_prng_impl_which_changes_the_dropout_draws(uninterrupted, tmp_path):
+  short = ["--config.total_steps=6", "--config.checkpoint_every_steps=3", "--config.log_every_steps=1",
+           "--config.eval_every_steps=0", "--config.prng_impl=unsafe_rbg"]
+  full = str(tmp_path / "full")
+  _run(full, *short)
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))  # as if stopped after the checkpoint of step 3
+  _run(resumed, *short)
+  _assert_same_params(_params(full, 6), _params(resumed, 6))
+  assert _train_losses(resumed) == _train_losses(full)
+  # The implementation matters: the same run with the default threefry keys draws other masks and dropout.
+  assert _train_losses(full)[1] != _train_losses(uninterrupted)[1]
+  with pytest.raises(ValueError, match="prng_impl='philox'.*threefry2x32"):
+    train.step_key(ml_collections.ConfigDict({"seed": 0, "prng_impl": "philox"}))

@@ -53,6 +53,7 @@ def model_config(size: str = "base", **overrides) -> ml_collections.ConfigDict:
       num_classes=6, num_targets=2,
       dtype="float32",            # compute dtype; parameters are always float32
       attention_impl="",          # '' = jax default, or 'xla' / 'cudnn'
+      fused_qkv=False,            # self-attention Q/K/V as one matrix product (same parameters, same layout)
       remat=False,                # rematerialise each layer's activations in the backward pass
       scan_layers=False,          # scan over stacked layers (faster compiles; checkpoint layout [L, ...])
   ))
@@ -93,7 +94,7 @@ class AVEncoder(nn.Module):
     def encoder(name, dropout):
       return Encoder(cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, cfg.embed_dropout, dropout,
                      cfg.residual_dropout, cfg.relu_dropout, dtype, impl, cfg.remat, cfg.get("scan_layers", False),
-                     name=name)
+                     cfg.get("fused_qkv", False), name=name)
 
     v_a = encoder("cross_visual_audio", cfg.cross_attention_dropout)(
         v, v_pos, attn_mask, deterministic, kv=a, kv_pos_valid=a_pos)

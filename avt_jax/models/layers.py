@@ -94,6 +94,9 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation (None, 'xla', 'cudnn').
+  # Self-attention as one product with the stacked Q/K/V kernels (same parameters). Off by default: no gain
+  # measured on CPU (docs/scaling.md); scripts/gpu_check.sh measures it on a GPU.
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, x_q, x_k, x_v, mask, deterministic: bool):
@@ -101,14 +104,19 @@ class MultiHeadAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-
-    def proj(name):
-      return HeadProjection(self.num_heads, head_dim, self.dtype, name=name)
-
+    projections = [HeadProjection(self.num_heads, head_dim, self.dtype, name=n) for n in ("query", "key", "value")]
+    if self.fused_qkv and x_k is x_q and x_v is x_q:
+      # One matrix product instead of three; the kernels are stacked on a new axis, so a `heads` sharding of each
+      # carries over unchanged.
+      weights = [p.weights(width) for p in projections]
+      kernel = jnp.stack([w for w, _ in weights], axis=1).astype(self.dtype)    # [E, 3, N, H]
+      bias = jnp.stack([b for _, b in weights], axis=0).astype(self.dtype)      # [3, N, H]
+      qkv = jnp.einsum("...e,ecnh->...cnh", x_q.astype(self.dtype), kernel) + bias
+      q, k, v = (qkv[..., i, :, :] for i in range(3))
+    else:
+      q, k, v = (p(x) for p, x in zip(projections, (x_q, x_k, x_v)))
     # Queries are scaled after the projection (bias included), as in the release.
-    q = proj("query")(x_q) * jnp.asarray(head_dim ** -0.5, self.dtype)
-    k = proj("key")(x_k)
-    v = proj("value")(x_v)
+    q = q * jnp.asarray(head_dim ** -0.5, self.dtype)
     if not deterministic and self.dropout_rate > 0.0:
       out = reference_attention(q, k, v, mask, self.make_rng("dropout"), self.dropout_rate, deterministic=False)
     else:
@@ -123,12 +131,17 @@ class HeadProjection(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def weights(self, in_dim: int) -> tuple[jax.Array, jax.Array]:
+    """(kernel [E, N, H], bias [N, H]), float32."""
     init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
-    kernel = self.param("kernel", logical(init, ("embed", "heads", "kv")),
-                        (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
+    kernel = self.param("kernel", logical(init, ("embed", "heads", "kv")), (in_dim, self.num_heads, self.head_dim),
+                        jnp.float32)
     bias = self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")), (self.num_heads, self.head_dim),
                       jnp.float32)
+    return kernel, bias
+
+  def __call__(self, x):
+    kernel, bias = self.weights(x.shape[-1])
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     return jnp.einsum("...e,enh->...nh", x, kernel) + bias
 
@@ -160,6 +173,7 @@ class EncoderLayer(nn.Module):
   relu_dropout: float = 0.1
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, x, x_k, x_v, mask, deterministic: bool):
@@ -171,7 +185,7 @@ class EncoderLayer(nn.Module):
     else:
       k, v = ln0(x_k), ln0(x_v)
     h = MultiHeadAttention(self.num_heads, self.attention_dropout, self.dtype, self.attention_impl,
-                           name="attention")(h, k, v, mask, deterministic)
+                           self.fused_qkv, name="attention")(h, k, v, mask, deterministic)
     h = nn.Dropout(self.residual_dropout)(h, deterministic=deterministic)
     x = x + h
     h = layer_norm("ln_mlp", self.dtype)(x)
@@ -205,6 +219,7 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   remat: bool = False
   scan_layers: bool = False  # one scanned layer with stacked [L, ...] parameters (a different checkpoint layout)
+  fused_qkv: bool = False
 
   def _embed(self, x, pos_valid, deterministic):
     width = x.shape[-1]
@@ -221,7 +236,7 @@ class Encoder(nn.Module):
       x_k = self._embed(kv, kv_pos_valid, deterministic)
       x_v = self._embed(kv, kv_pos_valid, deterministic)
     args = (self.num_heads, self.mlp_ratio, self.attention_dropout, self.residual_dropout, self.relu_dropout,
-            self.dtype, self.attention_impl)
+            self.dtype, self.attention_impl, self.fused_qkv)
     if self.scan_layers:
       layer_cls = nn.remat(ScanLayer, static_argnums=()) if self.remat else ScanLayer
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
