@@ -138,6 +138,7 @@ def test_bench_loader_compares_two_checkouts_side_by_side(tmp_path):
          "--batches=2", "--warmup=1", "--workers=0", f"--compare={config_lib.REPO}"]
   proc = subprocess.run(cmd, env=_cpu_env(), cwd=config_lib.REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [l.split() for l in proc.stdout.splitlines() if l.strip().startswith(("this", "compared"))]
-  assert len(rows) == 2 and all(float(r[-3]) > 0 and r[-1] == "True" for r in rows), proc.stdout
+  rows = re.findall(r"^\s*(this checkout|compared)\s+0\s+\S+\s+(\d+)\s+\d+\s+(True|False)$", proc.stdout, re.M)
+  assert [r[0] for r in rows] == ["this checkout", "compared"], proc.stdout
+  assert all(int(r[1]) > 0 and r[2] == "True" for r in rows), proc.stdout  # clips/s; stored-scale batches
   assert "ratio this / compared, 0 workers:" in proc.stdout
