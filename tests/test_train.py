@@ -402,3 +402,14 @@ def test_resume_is_bitwise_equal_with_another_prng_impl_which_changes_the_dropou
   assert _train_losses(full)[1] != _train_losses(uninterrupted)[1]
   with pytest.raises(ValueError, match="prng_impl='philox'.*threefry2x32"):
     train.step_key(ml_collections.ConfigDict({"seed": 0, "prng_impl": "philox"}))
+
+
+def test_a_config_from_before_a_field_was_added_resumes_only_at_the_value_that_does_what_it_did():
+  config = config_lib.tiny(config_lib.base_config("pretrain"))
+  saved = json.loads(json.dumps(config.to_dict(), default=str))
+  del saved["prng_impl"]
+  del saved["model"]["fused_qkv"]
+  assert train.check_resume(config, saved, "/runs/old/config.json", None) == []
+  config.prng_impl = "unsafe_rbg"  # other random draws than the old run's: a change to ask for
+  with pytest.raises(ValueError, match=r"prng_impl: '<absent>' in /runs/old/config.json, 'unsafe_rbg' now"):
+    train.check_resume(config, saved, "/runs/old/config.json", None)
