@@ -2,15 +2,17 @@
 
   python -m avt_jax.bench --size=base,large --batch=64,512 --dtype=bfloat16 [--mesh=data=-1] [--steps=20]
       [--seq=100] [--features=512,17] [--remat=false,true] [--scan_layers=false] [--grad_accum=1]
+      [--prng_impl=threefry2x32,rbg,unsafe_rbg] [--fused_qkv] [--rounds=5]
       [--loader=<prepared dir>] [--peak_flops=...] [--compare_dtypes] [--json=<file>]
 
 For every combination of the list flags the pretraining train step of `avt_jax.train` (masked-frame
 reconstruction, BERT-Adam update, sharded with the default rules on the given mesh) is compiled and run on a
 synthetic batch that lives on the devices (random precomputed features of the paper's widths, 512-d audio and 17
 action units, T=100 tokens). The table gives the compile time, the median step time over `--steps` steps (after
-`--warmup` steps, each step waited for with block_until_ready), clips per second, the achieved model TFLOP/s per
-device, MFU (model FLOP/s over the peak of all devices; peak from `costs.PEAK_FLOPS` by device kind or
-`--peak_flops`), and memory per device.
+`--warmup` steps, each step waited for with block_until_ready; with `--rounds=N` all configurations are compiled
+first and then timed in turn N times, for side-by-side figures on a machine whose speed drifts), clips per
+second, the achieved model TFLOP/s per device, MFU (model FLOP/s over the peak of all devices; peak from
+`costs.PEAK_FLOPS` by device kind or `--peak_flops`), and memory per device.
 
 Model FLOPs are counted analytically by `model_flops_per_clip` (matrix multiplications only: projections,
 attention QK^T and AV, feed-forward, reconstruction heads; backward = 2x forward). XLA's own count of the compiled
@@ -220,6 +222,7 @@ class Result:
   mem_gib: float = float("nan")        # XLA's estimate per device
   peak_gib: float = float("nan")       # allocator peak per device (GPU / TPU)
   loss: float = float("nan")
+  step_ms_range: str = ""              # lowest-highest per-round median step time (--rounds > 1)
   error: str = ""
 
 
@@ -247,13 +250,8 @@ def device_peak_bytes(devices: Sequence[jax.Device]) -> float:
   return float(max(peaks)) if peaks else float("nan")
 
 
-def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: float = 0.0,
-                    devices: Sequence[jax.Device] | None = None, compile_only: bool = False) -> Result:
-  """Compiles and times the pretraining step of `config` (median over `steps` steps after `warmup`).
-
-  With compile_only the step is compiled but not run: compile time, XLA's memory estimate and FLOP ratio only
-  (e.g. to plan the memory of a GPU configuration on a CPU machine).
-  """
+def _prepared(config, devices: Sequence[jax.Device] | None = None):
+  """(Result with the compile-time columns filled, Step, the step's key)."""
   m = config.model
   res = Result(m.size, config.batch_size, m.dtype, "", bool(m.remat), bool(m.scan_layers),
                int(config.grad_accum_steps), 0)
@@ -269,27 +267,82 @@ def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: flo
   res.mem_gib = memory_estimate(compiled) / GIB
   xla = costs.compiled_flops(compiled) * res.devices  # cost analysis is of the per-device program
   res.xla_over_model = xla / (res.model_flops_per_clip * config.batch_size) if xla else float("nan")
-  if compile_only:
-    return res
-  state = step.init_state()
-  batch = step.batch(0)
-  times = []
-  out = None
+  return res, step, rng
+
+
+def _timed(step: "Step", state, batch, rng, warmup: int, steps: int):
+  """(state, last outputs, seconds of each of `steps` steps after `warmup`), each step waited for."""
+  times, out = [], None
   for i in range(warmup + steps):
     t0 = time.perf_counter()
     state, out = step(state, batch, rng)
     jax.block_until_ready((state, out))
     if i >= warmup:
       times.append(time.perf_counter() - t0)
+  return state, out, times
+
+
+def _fill_speed(res: Result, times: Sequence[float], out, step: "Step", peak_flops: float) -> Result:
   res.loss = float(out["loss"])
   res.step_ms = 1e3 * statistics.median(times)
-  res.clips_per_s = config.batch_size / (res.step_ms / 1e3)
+  res.clips_per_s = res.batch / (res.step_ms / 1e3)
   achieved = res.model_flops_per_clip * res.clips_per_s                # model FLOP/s over all devices
   res.tflops_per_device = achieved / res.devices / 1e12
   peak = costs.peak_flops(peak_flops)
   res.mfu = achieved / (peak * res.devices) if peak else float("nan")
   res.peak_gib = device_peak_bytes(step.mesh.local_devices) / GIB
   return res
+
+
+def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: float = 0.0,
+                    devices: Sequence[jax.Device] | None = None, compile_only: bool = False) -> Result:
+  """Compiles and times the pretraining step of `config` (median over `steps` steps after `warmup`).
+
+  With compile_only the step is compiled but not run: compile time, XLA's memory estimate and FLOP ratio only
+  (e.g. to plan the memory of a GPU configuration on a CPU machine).
+  """
+  res, step, rng = _prepared(config, devices)
+  if compile_only:
+    return res
+  _, out, times = _timed(step, step.init_state(), step.batch(0), rng, warmup, steps)
+  return _fill_speed(res, times, out, step, peak_flops)
+
+
+def time_round_robin(configs: Sequence[Any], *, rounds: int, steps: int = 5, warmup: int = 3,
+                     peak_flops: float = 0.0, devices: Sequence[jax.Device] | None = None) -> list[Result]:
+  """Compiles every configuration first, then times them in turn, `rounds` times (`steps` steps each per round):
+  on a machine whose speed drifts, each configuration sees the same conditions, so their ratios hold even when
+  one configuration's timings vary by tens of percent. step_ms is the median over every timed step; the
+  `range ms` column gives the lowest and highest per-round median. A configuration that fails keeps its error."""
+  prepared = []
+  for config in configs:
+    try:
+      res, step, rng = _prepared(config, devices)
+      prepared.append([res, step, rng, step.init_state(), step.batch(0), [], [], None])
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the other rows)
+      prepared.append([_failed(config, e)] + [None] * 7)
+  for r in range(rounds):
+    for p in prepared:
+      res, step, rng, state, batch, times, medians, _ = p
+      if step is None:
+        continue
+      p[3], p[7], new = _timed(step, state, batch, rng, warmup if r == 0 else 1, steps)
+      times.extend(new)
+      medians.append(1e3 * statistics.median(new))
+  results = []
+  for res, step, _, _, _, times, medians, out in prepared:
+    if step is not None:
+      _fill_speed(res, times, out, step, peak_flops)
+      res.step_ms_range = f"{min(medians):.0f}-{max(medians):.0f}"
+    results.append(res)
+  return results
+
+
+def _failed(config, e: BaseException) -> Result:
+  m = config.model
+  return Result(m.size, config.batch_size, m.dtype, mesh_label(dict(config.mesh)), bool(m.remat),
+                bool(m.scan_layers), int(config.grad_accum_steps), jax.device_count(), config.get("prng_impl", ""),
+                error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
 
 
 def time_loader(path: str, batch: int, seq_len: int, *, num_batches: int = 20, warmup: int = 2,
@@ -332,14 +385,16 @@ def compare_dtypes(size: str, batch: int, *, steps: int = 5, seq_len: int = 100,
 
 
 COLUMNS = (("size", "{}"), ("batch", "{}"), ("dtype", "{}"), ("mesh", "{}"), ("remat", "{}"), ("scan", "{}"),
-           ("accum", "{}"), ("prng", "{}"), ("compile s", "{:.1f}"), ("step ms", "{:.1f}"), ("clips/s", "{:,.0f}"),
+           ("accum", "{}"), ("prng", "{}"), ("compile s", "{:.1f}"), ("step ms", "{:.1f}"), ("range ms", "{}"),
+           ("clips/s", "{:,.0f}"),
            ("TFLOP/s/dev", "{:.3g}"), ("MFU", "{:.1%}"), ("xla/model", "{:.2f}"), ("mem GiB", "{:.3g}"),
            ("peak GiB", "{:.3g}"))
 
 
 def _cells(r: Result) -> list[str]:
   values = (r.size, r.batch, r.dtype, r.mesh, "y" if r.remat else "n", "y" if r.scan_layers else "n", r.grad_accum,
-            r.prng, r.compile_s, r.step_ms, r.clips_per_s, r.tflops_per_device, r.mfu, r.xla_over_model, r.mem_gib,
+            r.prng, r.compile_s, r.step_ms, r.step_ms_range or "-", r.clips_per_s, r.tflops_per_device, r.mfu,
+            r.xla_over_model, r.mem_gib,
             r.peak_gib)
   cells = []
   for (_, fmt), v in zip(COLUMNS, values):
@@ -374,7 +429,10 @@ def _define_flags():
   flags.DEFINE_list("batch", ["64"], "Global batch sizes.")
   flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes (float32, bfloat16).")
   flags.DEFINE_string("mesh", "data=-1", "Mesh, e.g. 'data=-1' or 'data=2,fsdp=4'.")
-  flags.DEFINE_integer("steps", 20, "Timed steps per configuration (the median is reported).")
+  flags.DEFINE_integer("steps", 20, "Timed steps per configuration (the median is reported); per round with "
+                       "--rounds.")
+  flags.DEFINE_integer("rounds", 1, "> 1: compile every configuration first, then time them in turn this many "
+                       "times (side by side on a machine whose speed drifts; the range column shows the drift).")
   flags.DEFINE_bool("compile_only", False, "Only compile: compile time, memory estimate and FLOP ratio.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
   flags.DEFINE_integer("seq", 100, "Tokens per clip (T).")
@@ -416,7 +474,7 @@ def main(argv):
   peak = costs.peak_flops(f.peak_flops)
   print(f"peak {peak / 1e12:.0f} TFLOP/s per device" if peak else "peak FLOP/s unknown for this device: MFU not "
         "shown (give --peak_flops)", flush=True)
-  results = []
+  configs = []
   for size in f.size:
     for batch in (int(b) for b in f.batch):
       for dtype in f.dtype:
@@ -424,17 +482,24 @@ def main(argv):
           for scan in _bools(f.scan_layers):
             for accum in (int(a) for a in f.grad_accum):
               for prng in f.prng_impl:
-                config = bench_config(size, batch, dtype, f.seq, audio_dim, visual_dim, mesh=mesh, remat=remat,
-                                      scan_layers=scan, grad_accum=accum, attention_impl=f.attention_impl,
-                                      prng_impl=prng, fused_qkv=f.fused_qkv)
-                try:
-                  r = time_train_step(config, steps=f.steps, warmup=f.warmup, peak_flops=f.peak_flops,
-                                      compile_only=f.compile_only)
-                except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the other rows)
-                  r = Result(size, batch, dtype, mesh_label(mesh), remat, scan, accum, jax.device_count(), prng,
-                             error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                results.append(r)
-                print(format_table([r]).splitlines()[-1], flush=True)
+                configs.append(bench_config(size, batch, dtype, f.seq, audio_dim, visual_dim, mesh=mesh,
+                                            remat=remat, scan_layers=scan, grad_accum=accum,
+                                            attention_impl=f.attention_impl, prng_impl=prng,
+                                            fused_qkv=f.fused_qkv))
+  if f.rounds > 1 and not f.compile_only:
+    print(f"{len(configs)} configurations compiled first, then timed in turn, {f.rounds} rounds of {f.steps} steps",
+          flush=True)
+    results = time_round_robin(configs, rounds=f.rounds, steps=f.steps, warmup=f.warmup, peak_flops=f.peak_flops)
+  else:
+    results = []
+    for config in configs:
+      try:
+        r = time_train_step(config, steps=f.steps, warmup=f.warmup, peak_flops=f.peak_flops,
+                            compile_only=f.compile_only)
+      except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the other rows)
+        r = _failed(config, e)
+      results.append(r)
+      print(format_table([r]).splitlines()[-1], flush=True)
   print()
   print(f"pretraining step, T={f.seq}, features {audio_dim}/{visual_dim}, {_device_line()}")
   print(format_table(results))

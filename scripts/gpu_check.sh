@@ -98,7 +98,8 @@ LAST_BATCH="${BATCHES##*,}"
 if [ "$SWITCHES" = 1 ]; then
   echo "== switches ($FIRST_SIZE b$LAST_BATCH bfloat16): dropout/masking key implementation, attention implementation"
   "$PY" -m avt_jax.bench --size="$FIRST_SIZE" --batch="$LAST_BATCH" --dtype=bfloat16 --steps="$STEPS" --warmup=3 \
-      --seq=100 --features=512,17 --prng_impl=threefry2x32,rbg,unsafe_rbg --json="$OUT/gpu_check_prng.json" \
+      --seq=100 --features=512,17 --prng_impl=threefry2x32,rbg,unsafe_rbg --rounds=3 \
+      --json="$OUT/gpu_check_prng.json" \
       | tee "$OUT/gpu_check_prng.txt" || status=1
   # Self-attention Q/K/V as one matrix product (model.fused_qkv; off by default: no gain measured on CPU).
   "$PY" -m avt_jax.bench --size="$FIRST_SIZE" --batch="$LAST_BATCH" --dtype=bfloat16 --steps="$STEPS" --warmup=3 \

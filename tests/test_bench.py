@@ -142,3 +142,14 @@ def test_bench_loader_compares_two_checkouts_side_by_side(tmp_path):
   assert [r[0] for r in rows] == ["this checkout", "compared"], proc.stdout
   assert all(int(r[1]) > 0 and r[2] == "True" for r in rows), proc.stdout  # clips/s; stored-scale batches
   assert "ratio this / compared, 0 workers:" in proc.stdout
+
+
+def test_round_robin_times_every_configuration_in_each_round():
+  configs = [_config("tiny", 4, 8, prng_impl=impl) for impl in ("threefry2x32", "unsafe_rbg")]
+  results = bench.time_round_robin(configs, rounds=3, steps=2, warmup=1, devices=jax.devices()[:1])
+  assert [r.prng for r in results] == ["threefry2x32", "unsafe_rbg"]
+  for r in results:
+    assert not r.error and np.isfinite(r.loss)
+    low, high = (float(x) for x in r.step_ms_range.split("-"))
+    assert low <= round(r.step_ms) + 1 and r.step_ms <= high + 1  # the overall median lies within the rounds'
+    np.testing.assert_allclose(r.clips_per_s, 4 / (r.step_ms / 1e3), rtol=1e-9)
