@@ -308,34 +308,44 @@ def time_train_step(config, *, steps: int = 20, warmup: int = 3, peak_flops: flo
   return _fill_speed(res, times, out, step, peak_flops)
 
 
+@dataclasses.dataclass
+class _Timing:
+  """One configuration of a round-robin run: its compiled step, its state between rounds, what was timed."""
+  result: Result
+  step: "Step | None" = None
+  rng: Any = None
+  state: Any = None
+  batch: Any = None
+  times: list = dataclasses.field(default_factory=list)          # seconds of every timed step
+  round_ms: list = dataclasses.field(default_factory=list)       # median per round
+  out: Any = None
+
+
 def time_round_robin(configs: Sequence[Any], *, rounds: int, steps: int = 5, warmup: int = 3,
                      peak_flops: float = 0.0, devices: Sequence[jax.Device] | None = None) -> list[Result]:
   """Compiles every configuration first, then times them in turn, `rounds` times (`steps` steps each per round):
   on a machine whose speed drifts, each configuration sees the same conditions, so their ratios hold even when
   one configuration's timings vary by tens of percent. step_ms is the median over every timed step; the
   `range ms` column gives the lowest and highest per-round median. A configuration that fails keeps its error."""
-  prepared = []
+  timings = []
   for config in configs:
     try:
       res, step, rng = _prepared(config, devices)
-      prepared.append([res, step, rng, step.init_state(), step.batch(0), [], [], None])
+      timings.append(_Timing(res, step, rng, step.init_state(), step.batch(0)))
     except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the other rows)
-      prepared.append([_failed(config, e)] + [None] * 7)
+      timings.append(_Timing(_failed(config, e)))
   for r in range(rounds):
-    for p in prepared:
-      res, step, rng, state, batch, times, medians, _ = p
-      if step is None:
+    for t in timings:
+      if t.step is None:
         continue
-      p[3], p[7], new = _timed(step, state, batch, rng, warmup if r == 0 else 1, steps)
-      times.extend(new)
-      medians.append(1e3 * statistics.median(new))
-  results = []
-  for res, step, _, _, _, times, medians, out in prepared:
-    if step is not None:
-      _fill_speed(res, times, out, step, peak_flops)
-      res.step_ms_range = f"{min(medians):.0f}-{max(medians):.0f}"
-    results.append(res)
-  return results
+      t.state, t.out, new = _timed(t.step, t.state, t.batch, t.rng, warmup if r == 0 else 1, steps)
+      t.times.extend(new)
+      t.round_ms.append(1e3 * statistics.median(new))
+  for t in timings:
+    if t.step is not None:
+      _fill_speed(t.result, t.times, t.out, t.step, peak_flops)
+      t.result.step_ms_range = f"{min(t.round_ms):.0f}-{max(t.round_ms):.0f}"
+  return [t.result for t in timings]
 
 
 def _failed(config, e: BaseException) -> Result:

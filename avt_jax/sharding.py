@@ -8,7 +8,10 @@ replicated on that axis (reported by `describe`), so every preset runs on every 
 
 from __future__ import annotations
 
+import json
 import math
+import queue
+import threading
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -144,15 +147,14 @@ class DevicePrefetch:
   def __iter__(self):
     return self
 
-  def _fill(self, queue, stop) -> None:
-    import queue as queue_lib  # pylint: disable=g-import-not-at-top
+  def _fill(self, batches: queue.Queue, stop: threading.Event) -> None:
 
     def put(item) -> bool:
       while not stop.is_set():
         try:
-          queue.put(item, timeout=0.1)
+          batches.put(item, timeout=0.1)
           return True
-        except queue_lib.Full:
+        except queue.Full:
           continue
       return False
 
@@ -169,9 +171,7 @@ class DevicePrefetch:
       put(e)
 
   def _start(self) -> None:
-    import queue as queue_lib  # pylint: disable=g-import-not-at-top
-    import threading  # pylint: disable=g-import-not-at-top
-    self._queue, self._stop = queue_lib.Queue(maxsize=self._size), threading.Event()
+    self._queue, self._stop = queue.Queue(maxsize=self._size), threading.Event()
     self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop), daemon=True,
                                     name="avt_jax-device-prefetch")
     self._thread.start()
@@ -196,11 +196,9 @@ class DevicePrefetch:
       self._thread = None
 
   def get_state(self) -> bytes:
-    import json  # pylint: disable=g-import-not-at-top
     return json.dumps(self._it.get_state() if self._state is None else self._state).encode()
 
   def set_state(self, state: bytes | str) -> None:
-    import json  # pylint: disable=g-import-not-at-top
     self.close()
     self._it.set_state(json.loads(state))
     self._state = None

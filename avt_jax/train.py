@@ -218,12 +218,12 @@ def step_key(config) -> jax.Array:
   return jax.random.key(config.seed + 2, impl=impl)
 
 
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule, accum: int = 1,
-                    finish: input_pipeline.BatchFinisher | None = None):
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule, accum: int = 1, *,
+                    finish: input_pipeline.BatchFinisher):
   """train_step(state, batch, base_rng) -> (state, scalars): the task's loss, its gradient, one optimizer update.
 
-  With `finish`, `batch` is the input pipeline's stored-scale batch and is finished (normalised, targets) inside
-  the step, on the devices; without, it is already the task's model batch."""
+  `batch` is the input pipeline's stored-scale batch; `finish` turns it into the task's model batch (normalised,
+  reconstruction targets) inside the step, on the devices."""
   grad_fn = jax.value_and_grad(task.loss, has_aux=True)
   logged = tuple(task.train_metrics)
 
@@ -246,8 +246,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
     return (loss / accum, jax.tree.map(lambda v: v / accum, aux)), jax.tree.map(lambda g: g / accum, grads)
 
   def train_step(state, batch, base_rng):
-    if finish is not None:
-      batch = finish(batch, jnp)
+    batch = finish(batch, jnp)
     rng = jax.random.fold_in(base_rng, state["step"])
     if accum > 1:
       (loss, aux), grads = accumulated(state["params"], batch, rng)
