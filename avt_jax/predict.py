@@ -172,14 +172,12 @@ def extract_config_from_info(info: Mapping[str, Any]) -> extract_lib.ExtractConf
   ext = info.get("extractors", {})
   lm_fields = {f.name for f in dataclasses.fields(logmel_lib.LogMelConfig)}
   logmel = logmel_lib.LogMelConfig(**{k: a[k] for k in lm_fields if k in a})
-  face_fields = {f.name for f in dataclasses.fields(face_lib.FaceConfig)}
-  face_params = {k: val for k, val in ext.get("face", {}).items() if k in face_fields}
-  face_params["size"] = int(v["size"])
+  face = dataclasses.replace(face_lib.FaceConfig.from_dict(ext.get("face", {})), size=int(v["size"]))
   config = extract_lib.ExtractConfig(
       token_rate=float(info["token_rate"]), fps=float(v["fps"]), min_tokens=1,
       target_size=int(v.get("target_size", 8)),
       max_short_side=int(ext.get("decode_max_short_side", extract_lib.ExtractConfig.max_short_side)),
-      logmel=logmel, face=face_lib.FaceConfig(**face_params))
+      logmel=logmel, face=face)
   if (config.audio_frames_per_token, config.video_frames_per_token) != (int(a["frames_per_token"]),
                                                                          int(v["frames_per_token"])):
     raise PredictError(f"dataset_info.json: frames per token (audio {a['frames_per_token']}, visual "

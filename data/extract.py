@@ -93,7 +93,8 @@ def extract_raw(path: str, config: ExtractConfig = ExtractConfig()) -> RawClip:
   kv, ka = config.video_frames_per_token, config.audio_frames_per_token
   targets = origin + np.arange(n * kv) / config.fps
   index = media_lib.nearest_frame_indices(m.frame_times, targets)
-  crops, track = face_lib.face_crops(m.frames[index], config.face, path)
+  identity = len(index) == m.num_frames and np.array_equal(index, np.arange(len(index)))
+  crops, track = face_lib.face_crops(m.frames if identity else m.frames[index], config.face, path)
 
   offset = int(round((origin - m.audio_start) * config.logmel.sample_rate))
   mel = logmel_lib.log_mel(m.audio[offset:], config.logmel)
@@ -108,7 +109,7 @@ def extract_raw(path: str, config: ExtractConfig = ExtractConfig()) -> RawClip:
       source_channels=m.source_channels, source_audio_peak=round(m.source_peak, 4),
       video_codec=m.info.video_codec, audio_codec=m.info.audio_codec, width=m.info.width, height=m.info.height,
       video_frames=int(n * kv), audio_frames=int(n * ka), num_tokens=int(n),
-      face_detection_rate=round(track.detection_rate, 4))
+      **track.summary())
   return RawClip(num_tokens=n, audio=mel, visual=crops, info=info)
 
 

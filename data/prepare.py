@@ -601,7 +601,11 @@ def _define_flags():
   f.DEFINE_float("fps", 25.0, "Video frame rate after resampling.")
   f.DEFINE_integer("min_tokens", 1, "Skip clips with fewer tokens.")
   f.DEFINE_integer("face_size", 64, "Face crop side S.")
-  f.DEFINE_integer("detect_every", 1, "Run the face detector on every k-th frame.")
+  f.DEFINE_enum("face", "track", list(face_lib.MODES), "track: detect and follow the face; centred: the videos are "
+                "face-centred crops already (VoxCeleb2's mp4s), used as they are after a check for a face.")
+  f.DEFINE_enum("detector", face_lib.FaceConfig.detector, list(face_lib.DETECTORS), "Face detector.")
+  f.DEFINE_integer("detect_every", face_lib.FaceConfig.detect_every,
+                   "Run the face detector on every k-th frame (the tracker fills the frames in between).")
   f.DEFINE_float("min_face_rate", 0.25, "Skip clips with a face in fewer of the detection frames.")
   f.DEFINE_float("face_margin", 0.3, "Crop side = detected face side * (1 + margin).")
   f.DEFINE_integer("target_size", 8, "Grayscale reconstruction-target side (statistics).")
@@ -617,7 +621,8 @@ def options_from_flags(FLAGS) -> PrepareOptions:
   config = extract_lib.ExtractConfig(
       token_rate=FLAGS.token_rate, fps=FLAGS.fps, min_tokens=FLAGS.min_tokens, target_size=FLAGS.target_size,
       max_short_side=FLAGS.max_short_side, logmel=logmel_lib.LogMelConfig(n_mels=FLAGS.n_mels),
-      face=face_lib.FaceConfig(size=FLAGS.face_size, detect_every=FLAGS.detect_every,
+      face=face_lib.FaceConfig(size=FLAGS.face_size, mode=FLAGS.face, detector=FLAGS.detector,
+                               detect_every=FLAGS.detect_every,
                                min_detection_rate=FLAGS.min_face_rate, margin=FLAGS.face_margin))
   return PrepareOptions(input=FLAGS.input, output=FLAGS.output, dataset=FLAGS.dataset, kind=FLAGS.kind,
                         workers=FLAGS.workers, strict=FLAGS.strict, shard_size=FLAGS.shard_size,

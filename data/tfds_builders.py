@@ -32,6 +32,7 @@ from etils import epath
 
 from data import datasets as datasets_lib
 from data import extract as extract_lib
+from data import face as face_lib
 from data import media as media_lib
 
 SAMPLE_MEDIA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample", "media")
@@ -106,8 +107,12 @@ class _AvtBuilder(tfds.core.GeneratorBasedBuilder):
     # TFDS 4.9.9 looks this up through the `importlib_resources` backport, which Python >= 3.9 installs lack.
     return epath.Path(__file__)
 
+  def extract_config(self) -> extract_lib.ExtractConfig:
+    """The extraction parameters (the same `data.extract` code and options as `python -m data.prepare`)."""
+    return self.EXTRACT
+
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=features_dict(self.EXTRACT), supervised_keys=None,
+    return self.dataset_info_from_configs(features=features_dict(self.extract_config()), supervised_keys=None,
                                           metadata=self._metadata())
 
   def _metadata(self) -> tfds.core.MetadataDict:
@@ -123,17 +128,18 @@ class _AvtBuilder(tfds.core.GeneratorBasedBuilder):
     return _media_files(root)
 
   def _extract_fn(self, root: str):
-    return functools.partial(extract_example, root=root, resolver=self._resolver(root), config=self.EXTRACT)
+    return functools.partial(extract_example, root=root, resolver=self._resolver(root), config=self.extract_config())
 
   def _split_generators(self, dl_manager, pipeline):
     beam = tfds.core.lazy_imports.apache_beam
     root = self._root(dl_manager)
     examples = (pipeline | "ListFiles" >> beam.Create(self._files(root))
                 | "Extract" >> beam.FlatMap(self._extract_fn(root)))
+    config = self.extract_config()
     self.info.metadata["dataset_info"] = (
-        examples | "Statistics" >> beam.Map(example_statistics, config=self.EXTRACT)
+        examples | "Statistics" >> beam.Map(example_statistics, config=config)
         | "Merge" >> beam.CombineGlobally(extract_lib.merge_statistics)
-        | "DatasetInfo" >> beam.Map(info_from_statistics, config=self.EXTRACT))
+        | "DatasetInfo" >> beam.Map(info_from_statistics, config=config))
     return {"train": examples}
 
   def _generate_examples(self, *args, **kwargs):
@@ -167,9 +173,10 @@ class AvtSample(_AvtBuilder):
     stats = []
     for f in files:
       for example in extract_fn(f):
-        stats.append(example_statistics(example, self.EXTRACT))
+        stats.append(example_statistics(example, self.extract_config()))
         yield example
-    self.info.metadata["dataset_info"] = info_from_statistics(extract_lib.merge_statistics(stats), self.EXTRACT)
+    self.info.metadata["dataset_info"] = info_from_statistics(extract_lib.merge_statistics(stats),
+                                                              self.extract_config())
 
 
 class AvtCremaD(_AvtBuilder):
@@ -183,10 +190,19 @@ class AvtCremaD(_AvtBuilder):
 
 
 class AvtVoxceleb2(_AvtBuilder):
-  """VoxCeleb2 (unlabelled; speaker = idXXXXX) for pretraining."""
+  """VoxCeleb2 (unlabelled; speaker = idXXXXX) for pretraining.
+
+  Configs: "centred" (default) uses the official mp4s as the face crops they are (`data.prepare --face=centred`:
+  no detection, a check for a face near the centre); "track" detects and tracks the face as for other datasets.
+  """
 
   name = "avt_voxceleb2"
   DATASET = "voxceleb2"
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=mode, description=f"face mode {mode!r} (data.face)")
+                     for mode in ("centred", "track")]
+
+  def extract_config(self) -> extract_lib.ExtractConfig:
+    return extract_lib.ExtractConfig(face=face_lib.FaceConfig(mode=self.builder_config.name))
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Extract the VoxCeleb2 mp4 archives into manual_dir so that clips sit at <manual_dir>/idXXXXX/<video>/<clip>.mp4
   (dev/mp4 or test/mp4 as the root).

@@ -191,35 +191,6 @@ def _write_video(path, seconds=1.2, audio=True):
         c.mux(p)
 
 
-@pytest.mark.parametrize("path", [CREMA, GRID], ids=["crema_d", "grid"])
-def test_face_track_matches_full_resolution_cascade(decoded, path):
-  frames = decoded[path].frames
-  track = face.track_face(frames)
-  assert track.detection_rate > 0.9
-  # Independent reference: the cascade at full resolution on a few frames, default OpenCV parameters.
-  cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
-  for i in (0, len(frames) // 2, len(frames) - 1):
-    boxes = cascade.detectMultiScale(cv2.cvtColor(frames[i], cv2.COLOR_RGB2GRAY), 1.1, 5, minSize=(60, 60))
-    x, y, w, h = max(boxes, key=lambda b: b[2] * b[3])
-    cx, cy, side = track.boxes[i]
-    assert abs(cx - (x + w / 2)) < 0.15 * w and abs(cy - (y + h / 2)) < 0.2 * h
-    assert side == pytest.approx(1.3 * w, rel=0.2)  # margin 0.3 around the detected face
-
-
-def test_interpolate_and_smooth_by_hand():
-  boxes = np.array([[10, 0, 4], [0, 0, 0], [0, 0, 0], [40, 30, 10], [0, 0, 0]], np.float64)
-  detected = np.array([True, False, False, True, False])
-  filled = face.interpolate_track(boxes, detected)
-  np.testing.assert_allclose(filled[:, 0], [10, 20, 30, 40, 40])
-  np.testing.assert_allclose(filled[:, 2], [4, 6, 8, 10, 10])
-  x = np.array([[0.0], [10.0], [0.0], [0.0], [3.0]])
-  # window 3: median of edge-padded neighbourhoods, then mean of those.
-  med = np.array([0.0, 0.0, 0.0, 0.0, 3.0])
-  mean = np.array([0.0, 0.0, 0.0, 1.0, 2.0])
-  np.testing.assert_allclose(face._running(x, 3, np.median)[:, 0], med)
-  np.testing.assert_allclose(face.smooth_track(x, 3)[:, 0], mean)
-
-
 def test_no_face_error_names_file(tmp_path):
   path = tmp_path / "gradient.mp4"
   _write_video(str(path))

@@ -650,6 +650,8 @@ def test_batches_equal_those_of_the_per_clip_pipeline_they_replaced():
   # tests/golden/pipeline_batches.json was written by this fingerprint with the per-clip pipeline (one transform
   # per record, then stacking) at commit ff7ba3c, before batches were assembled per batch: the same clips, crops,
   # normalisation and targets for the same seed. Regenerate (AVT_UPDATE_GOLDEN=1) only for an intended change.
+  # The sample/prepared cases were written again by that same commit's pipeline when sample/prepared was rebuilt
+  # with the YuNet tracker (new face crops, same clips).
   got = _fingerprints()
   if os.environ.get("AVT_UPDATE_GOLDEN"):
     with open(GOLDEN_BATCHES, "w") as f:

@@ -82,7 +82,8 @@ def test_manifest_reports_every_input(full):
   assert hap["sha256"] == "e72a1221a240f2e6c232b871734ec6ea367228f3feb076dfe448941731752b14"  # MANIFEST.tsv
   assert (hap["source_video_frames"], hap["source_audio_samples"]) == (56, 84096)
   assert hap["video_frames"] == 5 * hap["num_tokens"] and hap["audio_frames"] == 20 * hap["num_tokens"]
-  assert hap["extractors"]["face"]["detector"].endswith("haarcascade_frontalface_default.xml")
+  assert hap["extractors"]["face"]["detector"] == "yunet" and "YuNet" in hap["extractors"]["face"]["detector_model"]
+  assert hap["face_detection_rate"] > 0.9 and hap["face_jitter"] < 0.02 and len(hap["face_landmarks"]) == 10
 
 
 def test_records_follow_the_format(full):
@@ -399,3 +400,27 @@ def test_ctrl_c_with_worker_pool_prints_no_child_tracebacks(inputs, full, tmp_pa
     assert time.time() < deadline, "worker processes are still running after the interrupted run exited"
     time.sleep(0.1)
   _resume_and_compare(cmd, out, full[0], done)
+
+
+def test_contact_sheet_shows_random_clips_with_their_tracked_boxes():
+  from data import contact_sheet
+  sheet = contact_sheet.contact_sheet(PREPARED, frames=4, clips=3, seed=0, media_root=MEDIA)
+  assert sheet.shape[0] == 3 * 64 and sheet.dtype == np.uint8
+  again = contact_sheet.contact_sheet(PREPARED, frames=4, clips=3, seed=0, media_root=MEDIA)
+  np.testing.assert_array_equal(sheet, again)  # the pick is seeded
+  label_w = contact_sheet.LABEL_WIDTH
+  source = sheet[:, label_w:label_w + 60]  # the source frames (about 85 pixels wide at 64 tall) with the box
+  green = (source[..., 1] == 255) & (source[..., 0] == 0) & (source[..., 2] == 0)
+  for band in green.reshape(3, 64, -1):  # per clip: a box about a third of the frame tall or more, closed
+    rows = np.flatnonzero(band.any(axis=1))
+    assert rows[-1] - rows[0] >= 20 and band[rows[0]].sum() >= 10 and band[rows[-1]].sum() >= 10
+  plain = contact_sheet.contact_sheet(PREPARED, frames=4)
+  assert plain.shape == (12 * 64, label_w + 4 * 64, 3)
+
+
+def test_voxceleb2_builder_configs_choose_the_face_mode():
+  from data import tfds_builders
+  assert [c.name for c in tfds_builders.AvtVoxceleb2.BUILDER_CONFIGS] == ["centred", "track"]
+  for mode in ("centred", "track"):
+    builder = tfds_builders.AvtVoxceleb2(config=mode, data_dir="/nonexistent-tfds-dir")
+    assert builder.extract_config().face.mode == mode

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -23,18 +24,22 @@ MEDIA = os.path.join(ROOT, "sample", "media")
 GRID = os.path.join(MEDIA, "grid", "video", "bbaf2n.mpg")
 
 
-def _reencode_video(src, dst, rotate=False, keep_audio=True):
-  """Re-encodes the video of a real clip (MPEG-4 Part 2), optionally turned by 90 degrees; copies its audio."""
+def _reencode_video(src, dst, pixelate=False, keep_audio=True):
+  """Re-encodes the video of a real clip (MPEG-4 Part 2), optionally pixelated to 8 x 6 blocks so that no face can be
+  found in it; copies its audio."""
   with av.open(src) as inp, av.open(dst, "w") as out:
     v = inp.streams.video[0]
     w, h = v.codec_context.width, v.codec_context.height
     ov = out.add_stream("mpeg4", rate=25)
-    ov.width, ov.height = (h, w) if rotate else (w, h)
+    ov.width, ov.height = w, h
     ov.pix_fmt, ov.bit_rate = "yuv420p", 2 << 20
     oa = out.add_stream_from_template(inp.streams.audio[0]) if keep_audio else None
     for i, frame in enumerate(inp.decode(v)):
       rgb = frame.to_ndarray(format="rgb24")
-      new = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(rgb) if rotate else rgb), format="rgb24")
+      if pixelate:
+        rgb = cv2.resize(cv2.resize(rgb, (8, 6), interpolation=cv2.INTER_AREA), (w, h),
+                         interpolation=cv2.INTER_NEAREST)
+      new = av.VideoFrame.from_ndarray(rgb, format="rgb24")
       new = new.reformat(format="yuv420p")
       new.pts, new.time_base = i, fractions.Fraction(1, 25)
       for packet in ov.encode(new):
@@ -55,7 +60,7 @@ def bad_inputs(tmp_path_factory):
   d = tmp_path_factory.mktemp("bad")
   shutil.copy(os.path.join(ROOT, "README.md"), d / "notes.mp4")  # text under a video name
   _reencode_video(GRID, str(d / "silent.mp4"), keep_audio=False)
-  _reencode_video(GRID, str(d / "sideways.mkv"), rotate=True)
+  _reencode_video(GRID, str(d / "pixelated.mkv"), pixelate=True)
   data = open(os.path.join(MEDIA, "grid/video/lwbsza.mpg"), "rb").read()
   (d / "truncated.mpg").write_bytes(data[:int(0.3 * len(data))])
   shutil.copy(os.path.join(MEDIA, "crema_d/audio/1002_DFA_SAD_XX.mp3"), d)
@@ -82,7 +87,7 @@ def test_exit_status_is_nonzero_when_no_clip_is_written(bad_inputs, tmp_path):
   reasons = {e["source"]: e["reason"] for e in records.read_jsonl(os.path.join(out, "manifest.jsonl"))}
   assert "unreadable media file" in reasons["notes.mp4"]
   assert reasons["silent.mp4"] == "no audio stream"
-  assert reasons["sideways.mkv"].startswith("no face found")
+  assert reasons["pixelated.mkv"].startswith("no face found")
   assert "truncated" in reasons["truncated.mpg"]
   assert reasons["1002_DFA_SAD_XX.mp3"] == "no video stream (audio-only file)"
   for src in reasons:
