@@ -39,7 +39,6 @@ clip-level result always comes from the windows of step 3, which are those of tr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -50,7 +49,6 @@ import numpy as np
 from avt_jax import config_lib, records
 from data import extract as extract_lib
 from data import face as face_lib
-from data import logmel as logmel_lib
 from data import media as media_lib
 
 
@@ -164,25 +162,14 @@ def load_training_info(config, override: str = "") -> dict[str, Any]:
 
 
 def extract_config_from_info(info: Mapping[str, Any]) -> extract_lib.ExtractConfig:
-  """The ExtractConfig that produced a raw-kind dataset (data.prepare writes every parameter into its info)."""
+  """The ExtractConfig that produced the training data, as a PredictError where it cannot be rebuilt."""
   if info.get("kind") != "raw":
     raise PredictError(f"the run was trained on kind={info.get('kind')!r} data (precomputed features); predictions "
                        f"from video need a run trained on raw log-mel + face data")
-  a, v = info["audio"], info["visual"]
-  ext = info.get("extractors", {})
-  lm_fields = {f.name for f in dataclasses.fields(logmel_lib.LogMelConfig)}
-  logmel = logmel_lib.LogMelConfig(**{k: a[k] for k in lm_fields if k in a})
-  face = dataclasses.replace(face_lib.FaceConfig.from_dict(ext.get("face", {})), size=int(v["size"]))
-  config = extract_lib.ExtractConfig(
-      token_rate=float(info["token_rate"]), fps=float(v["fps"]), min_tokens=1,
-      target_size=int(v.get("target_size", 8)),
-      max_short_side=int(ext.get("decode_max_short_side", extract_lib.ExtractConfig.max_short_side)),
-      logmel=logmel, face=face)
-  if (config.audio_frames_per_token, config.video_frames_per_token) != (int(a["frames_per_token"]),
-                                                                         int(v["frames_per_token"])):
-    raise PredictError(f"dataset_info.json: frames per token (audio {a['frames_per_token']}, visual "
-                       f"{v['frames_per_token']}) do not follow from its own parameters")
-  return config
+  try:
+    return extract_lib.ExtractConfig.from_info(info)
+  except ValueError as e:
+    raise PredictError(f"dataset_info.json: {e}") from e
 
 
 def class_names(config, info: Mapping[str, Any] | None = None) -> list[str]:

@@ -31,8 +31,7 @@ def _label(lines: list[str], height: int) -> np.ndarray:
 def source_frame_with_box(path: str, info: dict, frame_index: int, height: int) -> np.ndarray:
   """The `frame_index`-th output-grid frame of the media file, the crop box and landmarks drawn, `height` tall."""
   from data import extract, face, media  # pylint: disable=import-outside-toplevel
-  from avt_jax import predict  # pylint: disable=import-outside-toplevel
-  config = predict.extract_config_from_info(info)
+  config = extract.ExtractConfig.from_info(info)
   m = media.decode_media(path, sample_rate=config.logmel.sample_rate, max_short_side=config.max_short_side)
   origin = max(m.audio_start, m.video_start)
   n = extract.num_tokens_for(min(m.audio_end, m.video_end) - origin, config.token_rate)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -59,6 +59,25 @@ class ExtractConfig:
   def to_dict(self) -> dict[str, Any]:
     return dict(token_rate=self.token_rate, fps=self.fps, min_tokens=self.min_tokens, target_size=self.target_size,
                 max_short_side=self.max_short_side, logmel=self.logmel.to_dict(), face=self.face.to_dict())
+
+  @classmethod
+  def from_info(cls, info: Mapping[str, Any]) -> "ExtractConfig":
+    """The config that produced a raw-kind dataset (data.prepare writes every parameter into its info)."""
+    if info.get("kind") != "raw":
+      raise ValueError(f"kind={info.get('kind')!r} data holds precomputed features, not raw log-mel + face clips")
+    a, v = info["audio"], info["visual"]
+    ext = info.get("extractors", {})
+    lm_fields = {f.name for f in dataclasses.fields(logmel_lib.LogMelConfig)}
+    logmel = logmel_lib.LogMelConfig(**{k: a[k] for k in lm_fields if k in a})
+    face = dataclasses.replace(face_lib.FaceConfig.from_dict(ext.get("face", {})), size=int(v["size"]))
+    config = cls(token_rate=float(info["token_rate"]), fps=float(v["fps"]), min_tokens=1,
+                 target_size=int(v.get("target_size", 8)),
+                 max_short_side=int(ext.get("decode_max_short_side", cls.max_short_side)), logmel=logmel, face=face)
+    if (config.audio_frames_per_token, config.video_frames_per_token) != (int(a["frames_per_token"]),
+                                                                           int(v["frames_per_token"])):
+      raise ValueError(f"frames per token (audio {a['frames_per_token']}, visual {v['frames_per_token']}) do not "
+                       f"follow from its own parameters")
+    return config
 
 
 def _as_int(x: float, what: str) -> int:

@@ -179,3 +179,48 @@ def test_track_jitter_by_hand():
   boxes = np.array([[10.0, 10, 20], [12, 10, 20], [12, 13, 20], [12, 13, 20]])
   track = face.FaceTrack(boxes=boxes, detected=np.ones(4, bool), detection_frames=4)
   assert track.jitter == pytest.approx(np.median([2 / 20, 3 / 20, 0.0]))
+
+
+def _real_clips():
+  shared = os.path.join(ROOT, "..", "shared", "realdata")
+  roots = [MEDIA] + ([shared] if os.path.isdir(shared) else [])
+  seen, out = set(), []
+  for root in roots:
+    for d, _, fs in sorted(os.walk(root)):
+      for f in sorted(fs):
+        if f.lower().endswith(media.VIDEO_SUFFIXES) and f not in seen:
+          seen.add(f)
+          out.append(os.path.join(d, f))
+  return out
+
+
+def test_yunet_finds_the_face_in_turned_mirrored_and_small_versions_of_real_frames():
+  # What bench/bench_detectors.py measures, as a floor: on 3 frames of every real clip, the face is found at the
+  # place the geometry moved it to (the reference: YuNet at full resolution on the untouched frame).
+  config = face.FaceConfig()
+  paths = _real_clips()
+  assert len(paths) >= 12
+  for path in paths:
+    clip = media.decode_media(path).frames
+    for frame in clip[[0, len(clip) // 2, -1]]:
+      cx, cy, w, h = _yunet_full(frame)
+      fh, fw = frame.shape[:2]
+      variants = []
+      for degrees in (30, -30):
+        m = cv2.getRotationMatrix2D((fw / 2, fh / 2), degrees, 1.0)
+        variants.append((cv2.warpAffine(frame, m, (fw, fh), borderMode=cv2.BORDER_REPLICATE), m))
+      variants.append((np.ascontiguousarray(frame[:, ::-1]), np.array([[-1.0, 0, fw], [0, 1.0, 0]])))
+      s = 40 / h  # the face 40 pixels tall, in a grey frame of the original size
+      small = cv2.resize(frame, (round(fw * s), round(fh * s)), interpolation=cv2.INTER_AREA)
+      canvas = np.full_like(frame, 128)
+      y0, x0 = (fh - small.shape[0]) // 2, (fw - small.shape[1]) // 2
+      canvas[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+      variants.append((canvas, np.array([[s, 0, x0], [0, s, y0]])))
+      for image, m in variants:
+        found = face.detect_faces(image, config)
+        assert len(found), path
+        scale = np.sqrt(abs(np.linalg.det(m[:, :2])))
+        want = m @ np.array([cx, cy, 1.0])
+        got = found.centres[0]
+        assert np.hypot(*(got[:2] - want)) < 0.25 * scale * h, path
+        assert got[2] == pytest.approx(scale * (w + h) / 2, rel=0.35), path
