@@ -42,6 +42,7 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+import threadpoolctl
 
 from avt_jax import records
 from data import datasets as datasets_lib
@@ -305,8 +306,9 @@ def _worker_init() -> None:
   # Ctrl-C reaches every process of the terminal's process group: the parent alone reports it and terminates the
   # pool, so workers ignore SIGINT (from process start on, see _sigint_ignored) instead of printing tracebacks.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  import cv2  # one OpenCV thread per worker process: the pool provides the parallelism
+  import cv2  # one OpenCV and one BLAS thread per worker process: the pool provides the parallelism
   cv2.setNumThreads(1)
+  threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 @contextlib.contextmanager
@@ -529,8 +531,10 @@ def _run_all(args: list, options: PrepareOptions, writer: _Writer) -> None:
 
   try:
     if options.workers <= 1 or len(args) <= 1:
-      for a in args:
-        handle(_run_task(a))
+      # OpenBLAS's idle threads spin after each log-mel product and take the core from decoding and detection.
+      with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        for a in args:
+          handle(_run_task(a))
     else:
       ctx = multiprocessing.get_context("spawn")
       with _sigint_ignored():

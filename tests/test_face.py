@@ -1,11 +1,13 @@
 """Face detection and tracking (data.face) on the bundled real clips and on synthetic paths with known truth."""
 
+import concurrent.futures
 import dataclasses
 import os
 
 import cv2
 import numpy as np
 import pytest
+import threadpoolctl
 import yuface
 
 from data import face
@@ -224,3 +226,17 @@ def test_yunet_finds_the_face_in_turned_mirrored_and_small_versions_of_real_fram
         got = found.centres[0]
         assert np.hypot(*(got[:2] - want)) < 0.25 * scale * h, path
         assert got[2] == pytest.approx(scale * (w + h) / 2, rel=0.35), path
+
+
+def _openmp_threads_after_detecting(frame) -> list[int]:
+  face.detect_faces(frame)
+  return [p["num_threads"] for p in threadpoolctl.threadpool_info() if "yuface" in p["filepath"]]
+
+
+def test_yunet_detects_on_one_openmp_thread_in_every_calling_thread(frames):
+  # The wheel's OpenMP team is as wide as the machine by default; the busy-waiting teams of several preparation
+  # workers starved each other (two workers ran three times slower than one). threadpoolctl reads the runtime itself.
+  frame = frames[CREMA][0]
+  assert _openmp_threads_after_detecting(frame) == [1]
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    assert pool.submit(_openmp_threads_after_detecting, frame).result() == [1]
