@@ -1,7 +1,7 @@
 """Reading and writing clip records (see docs/data_format.md).
 
-A record is a dict of numpy arrays / scalars / strings serialised with msgpack (flax.serialization), stored one
-per ArrayRecord entry. This module is the single place that knows the byte format.
+A record is a dict of numpy arrays / scalars / strings serialised with msgpack in flax.serialization's layout, stored
+one per ArrayRecord entry. This module is the single place that knows the byte format.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import os
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
+import msgpack
+import numpy as np
 from array_record.python import array_record_module
-from flax import serialization
 
 REQUIRED_KEYS = ("clip_id", "dataset", "speaker", "session", "label", "targets", "num_tokens", "audio", "visual")
 DATASET_INFO = "dataset_info.json"
@@ -37,10 +38,40 @@ def encode(example: Mapping[str, Any]) -> bytes:
   missing = [k for k in REQUIRED_KEYS if k not in example]
   if missing:
     raise RecordError(f"record {example.get('clip_id', '?')!r} lacks keys {missing}")
-  return serialization.msgpack_serialize(dict(example))
+  return msgpack.packb(_keys_sorted(example), default=_pack_array, strict_types=True)
+
+
+# flax.serialization's msgpack extension types: an array is ext 1 and a numpy scalar ext 3, each holding the packed
+# (shape, dtype name, C-order bytes). Written here, byte for byte as flax writes them, so that preparation workers
+# need not import flax and with it jax (2.2 s per worker); reading goes through flax.serialization.msgpack_restore.
+_EXT_NDARRAY = 1
+_EXT_NPSCALAR = 3
+_FLAX_MAX_CHUNK_BYTES = 2**30  # flax splits larger arrays into chunks, a layout not written here
+
+
+def _keys_sorted(tree: Any) -> Any:
+  """Dicts (at every depth) with their keys in sorted order, as flax writes them (its pytree copy sorts them)."""
+  if isinstance(tree, Mapping):
+    return {k: _keys_sorted(tree[k]) for k in sorted(tree)}
+  if isinstance(tree, list):
+    return [_keys_sorted(v) for v in tree]
+  return tree
+
+
+def _pack_array(x: Any) -> msgpack.ExtType:
+  if not isinstance(x, (np.ndarray, np.generic)) and not hasattr(x, "__array__"):
+    raise TypeError(f"cannot write a {type(x).__name__} into a record")  # e.g. a tuple: strict msgpack refuses it
+  code = _EXT_NPSCALAR if isinstance(x, np.generic) else _EXT_NDARRAY
+  x = np.asarray(x)  # a jax.Array too
+  if x.dtype.hasobject or x.dtype.isalignedstruct:
+    raise TypeError(f"cannot write an array of dtype {x.dtype} into a record")
+  if x.nbytes > _FLAX_MAX_CHUNK_BYTES:
+    raise RecordError(f"an array of {x.nbytes} bytes is over the {_FLAX_MAX_CHUNK_BYTES} a record holds")
+  return msgpack.ExtType(code, msgpack.packb((x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
 
 
 def decode(data: bytes, where: str = "") -> dict[str, Any]:
+  from flax import serialization  # pylint: disable=import-outside-toplevel  # see _pack_array
   try:
     ex = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several unrelated types on garbage.

@@ -702,3 +702,29 @@ def test_face_target_on_the_device_equals_the_host_target():
   frames = np.random.default_rng(5).integers(0, 256, size=(2, 3, 5, 64, 64, 3), dtype=np.uint8)
   np.testing.assert_allclose(np.asarray(targets.face_target(jnp.asarray(frames), 8, jnp)),
                              targets.face_target(frames, 8), rtol=0, atol=2e-6)
+
+
+def test_records_are_written_byte_for_byte_as_flax_serialization_writes_them():
+  # records.encode writes flax.serialization's msgpack layout itself (so preparation workers need not import jax);
+  # flax is the reference: real sample clips and every leaf type a record can hold.
+  from avt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  real = records.read_shard(records.shard_paths(config_lib.SAMPLE)[0])
+  rng = np.random.default_rng(0)
+  leaves = {
+      "clip_id": "c0", "dataset": "x", "speaker": "s", "session": "", "label": np.int32(-1), "num_tokens": 3,
+      "audio": rng.normal(size=(3, 4, 5)).astype(np.float32), "visual": rng.integers(0, 255, (6, 8, 8, 3), np.uint8),
+      "targets": {"arousal": np.float32(0.5), "valence": np.float64(-0.25), "ids": np.arange(4, dtype=np.int64)},
+      "flags": np.array([True, False]), "half": np.ones((2, 2), np.float16), "empty": np.zeros((0, 7), np.int16),
+      "scalar_array": np.array(2.5), "strided": np.arange(12.0).reshape(3, 4)[:, ::2], "fortran": np.asfortranarray(
+          rng.normal(size=(3, 4))), "bool": True, "none": None, "bytes": b"\x00\xff", "float": 0.1, "big": 2**40,
+      "list": [{"b": 1, "a": np.float32(2)}, [3, "x"]]}
+  for example in [*real, leaves]:
+    assert records.encode(example) == serialization.msgpack_serialize(dict(example)), example["clip_id"]
+  for x in real:
+    back = records.decode(records.encode(x))
+    assert back.keys() == x.keys() and all(np.array_equal(back[k], x[k]) for k in x if k != "targets")
+  with pytest.raises(TypeError, match="cannot write a tuple"):
+    records.encode(dict(leaves, label=(1, 2)))
+  with pytest.raises(TypeError, match="dtype object"):
+    records.encode(dict(leaves, audio=np.array([None, 1], dtype=object)))
