@@ -59,10 +59,10 @@ def _keys_sorted(tree: Any) -> Any:
 
 
 def _pack_array(x: Any) -> msgpack.ExtType:
-  if not isinstance(x, (np.ndarray, np.generic)) and not hasattr(x, "__array__"):
+  if not hasattr(x, "__array__"):  # numpy arrays and scalars, jax.Array
     raise TypeError(f"cannot write a {type(x).__name__} into a record")  # e.g. a tuple: strict msgpack refuses it
   code = _EXT_NPSCALAR if isinstance(x, np.generic) else _EXT_NDARRAY
-  x = np.asarray(x)  # a jax.Array too
+  x = np.asarray(x)
   if x.dtype.hasobject or x.dtype.isalignedstruct:
     raise TypeError(f"cannot write an array of dtype {x.dtype} into a record")
   if x.nbytes > _FLAX_MAX_CHUNK_BYTES:
