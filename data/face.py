@@ -219,8 +219,8 @@ def _yuface():
   """yuface, with this thread's YuNet running on one OpenMP thread.
 
   By default YuNet's layers run on an OpenMP team as wide as the machine. On detection-sized frames the team costs
-  more than it gains (48 clips, two cores, one worker: 15.2 s wall vs 10.1 s on one thread), and the busy-waiting
-  teams of several workers starve each other (two workers: 35.4 s vs 11.1 s); the worker pool gives the parallelism.
+  more than it gains (48 clips, two cores, one worker: 15.2 s wall vs 10.9 s on one thread), and the busy-waiting
+  teams of several workers starve each other (two workers: 35.4 s vs 12.0 s); the worker pool gives the parallelism.
   The setting is per thread in OpenMP, hence once per calling thread.
   """
   import yuface  # pylint: disable=import-outside-toplevel
