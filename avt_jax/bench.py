@@ -2,7 +2,7 @@
 
   python -m avt_jax.bench --size=base,large --batch=64,512 --dtype=bfloat16 [--mesh=data=-1] [--steps=20]
       [--seq=100] [--features=512,17] [--remat=false,true] [--scan_layers=false] [--grad_accum=1]
-      [--prng_impl=threefry2x32,rbg,unsafe_rbg] [--fused_qkv] [--rounds=5]
+      [--prng_impl=threefry2x32,rbg,unsafe_rbg] [--dropout_masks=counter,jax] [--fused_qkv] [--rounds=5]
       [--loader=<prepared dir>] [--peak_flops=...] [--compare_dtypes] [--json=<file>]
 
 For every combination of the list flags the pretraining train step of `avt_jax.train` (masked-frame
@@ -212,6 +212,7 @@ class Result:
   grad_accum: int
   devices: int
   prng: str = ""
+  masks: str = ""                      # model.dropout_masks
   compile_s: float = float("nan")
   step_ms: float = float("nan")
   clips_per_s: float = float("nan")
@@ -257,6 +258,7 @@ def _prepared(config, devices: Sequence[jax.Device] | None = None):
                int(config.grad_accum_steps), 0)
   rng = train.step_key(config)  # the trainer's key, of config.prng_impl
   res.prng = str(jax.random.key_impl(rng))
+  res.masks = m.dropout_masks
   step = Step(config, devices)
   res.mesh = mesh_label(dict(step.mesh.shape))
   res.devices = step.mesh.size
@@ -352,6 +354,7 @@ def _failed(config, e: BaseException) -> Result:
   m = config.model
   return Result(m.size, config.batch_size, m.dtype, mesh_label(dict(config.mesh)), bool(m.remat),
                 bool(m.scan_layers), int(config.grad_accum_steps), jax.device_count(), config.get("prng_impl", ""),
+                m.dropout_masks,
                 error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
 
 
@@ -395,7 +398,7 @@ def compare_dtypes(size: str, batch: int, *, steps: int = 5, seq_len: int = 100,
 
 
 COLUMNS = (("size", "{}"), ("batch", "{}"), ("dtype", "{}"), ("mesh", "{}"), ("remat", "{}"), ("scan", "{}"),
-           ("accum", "{}"), ("prng", "{}"), ("compile s", "{:.1f}"), ("step ms", "{:.1f}"), ("range ms", "{}"),
+           ("accum", "{}"), ("prng", "{}"), ("masks", "{}"), ("compile s", "{:.1f}"), ("step ms", "{:.1f}"), ("range ms", "{}"),
            ("clips/s", "{:,.0f}"),
            ("TFLOP/s/dev", "{:.3g}"), ("MFU", "{:.1%}"), ("xla/model", "{:.2f}"), ("mem GiB", "{:.3g}"),
            ("peak GiB", "{:.3g}"))
@@ -403,14 +406,14 @@ COLUMNS = (("size", "{}"), ("batch", "{}"), ("dtype", "{}"), ("mesh", "{}"), ("r
 
 def _cells(r: Result) -> list[str]:
   values = (r.size, r.batch, r.dtype, r.mesh, "y" if r.remat else "n", "y" if r.scan_layers else "n", r.grad_accum,
-            r.prng, r.compile_s, r.step_ms, r.step_ms_range or "-", r.clips_per_s, r.tflops_per_device, r.mfu,
+            r.prng, r.masks, r.compile_s, r.step_ms, r.step_ms_range or "-", r.clips_per_s, r.tflops_per_device, r.mfu,
             r.xla_over_model, r.mem_gib,
             r.peak_gib)
   cells = []
   for (_, fmt), v in zip(COLUMNS, values):
     cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
   if r.error:
-    cells[8:] = [r.error] + [""] * (len(cells) - 9)
+    cells[9:] = [r.error] + [""] * (len(cells) - 10)
   return cells
 
 
@@ -454,6 +457,8 @@ def _define_flags():
   flags.DEFINE_bool("fused_qkv", False, "Self-attention Q/K/V as one product with stacked kernels (model.fused_qkv).")
   flags.DEFINE_list("prng_impl", [""], "Key implementations of the step's dropout and masking (config.prng_impl: "
                     "threefry2x32, rbg, unsafe_rbg, philox4x32; '' = the platform default).")
+  flags.DEFINE_list("dropout_masks", [""], "Dropout mask generators (model.dropout_masks: counter, jax; '' = the "
+                    "model's default).")
   flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s of one device (default: from the device kind).")
   flags.DEFINE_string("loader", "", "Prepared dataset directory: also time the input pipeline on it.")
   flags.DEFINE_integer("loader_batches", 20, "Batches timed per loader measurement.")
@@ -492,10 +497,12 @@ def main(argv):
           for scan in _bools(f.scan_layers):
             for accum in (int(a) for a in f.grad_accum):
               for prng in f.prng_impl:
-                configs.append(bench_config(size, batch, dtype, f.seq, audio_dim, visual_dim, mesh=mesh,
-                                            remat=remat, scan_layers=scan, grad_accum=accum,
-                                            attention_impl=f.attention_impl, prng_impl=prng,
-                                            fused_qkv=f.fused_qkv))
+                for masks in f.dropout_masks:
+                  extra = {"dropout_masks": masks} if masks else {}
+                  configs.append(bench_config(size, batch, dtype, f.seq, audio_dim, visual_dim, mesh=mesh,
+                                              remat=remat, scan_layers=scan, grad_accum=accum,
+                                              attention_impl=f.attention_impl, prng_impl=prng,
+                                              fused_qkv=f.fused_qkv, **extra))
   if f.rounds > 1 and not f.compile_only:
     print(f"{len(configs)} configurations compiled first, then timed in turn, {f.rounds} rounds of {f.steps} steps",
           flush=True)

@@ -94,7 +94,7 @@ RESUME_SAFE = ("total_steps", "optimizer.total_steps", "log_every_steps", "eval_
                "data.worker_count", "data.device_prefetch", "workdir", "allow_resume_changes", "mesh")
 # Fields added after runs were first written, with the value that does what those runs did: absent from a saved
 # config and at this value now is no change.
-ADDED_FIELDS = {"prng_impl": "", "model.fused_qkv": False}
+ADDED_FIELDS = {"prng_impl": "", "model.fused_qkv": False, "model.dropout_masks": "jax"}
 PROCESS_COUNT = "process_count"
 
 

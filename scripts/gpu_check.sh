@@ -12,8 +12,8 @@
 #    trains a few steps of base in float32 and bfloat16 on the same batches to compare the losses, and runs large
 #    b512 once more with scan_layers + remat (the memory fallback).
 # 4. The switches, on the first size at the largest batch: the key implementation of the step's dropout and
-#    masking (config.prng_impl: threefry2x32, rbg, unsafe_rbg), fused Q/K/V projections (model.fused_qkv) and
-#    the attention implementation (cudnn).
+#    masking (config.prng_impl: threefry2x32, rbg, unsafe_rbg), the dropout mask generator (model.dropout_masks:
+#    counter, jax), fused Q/K/V projections (model.fused_qkv) and the attention implementation (cudnn).
 # 5. The input pipeline per core (bench/bench_loader.py, pinned to one core, batches moved onto the GPU): features
 #    T=100 512/17 and raw T=50, 0 and 1 prefetch workers.
 #
@@ -101,6 +101,10 @@ if [ "$SWITCHES" = 1 ]; then
       --seq=100 --features=512,17 --prng_impl=threefry2x32,rbg,unsafe_rbg --rounds=3 \
       --json="$OUT/gpu_check_prng.json" \
       | tee "$OUT/gpu_check_prng.txt" || status=1
+  # Dropout masks hashed from element counters inside the fusion (default) against jax.random.bernoulli.
+  "$PY" -m avt_jax.bench --size="$FIRST_SIZE" --batch="$LAST_BATCH" --dtype=bfloat16 --steps="$STEPS" --warmup=3 \
+      --seq=100 --features=512,17 --dropout_masks=counter,jax --rounds=3 --json="$OUT/gpu_check_masks.json" \
+      | tee "$OUT/gpu_check_masks.txt" || status=1
   # Self-attention Q/K/V as one matrix product (model.fused_qkv; off by default: no gain measured on CPU).
   "$PY" -m avt_jax.bench --size="$FIRST_SIZE" --batch="$LAST_BATCH" --dtype=bfloat16 --steps="$STEPS" --warmup=3 \
       --seq=100 --features=512,17 --fused_qkv --json="$OUT/gpu_check_fused.json" \

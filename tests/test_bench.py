@@ -127,6 +127,8 @@ def test_gpu_check_dry_run_on_cpu_prints_every_section(tmp_path):
   assert "dtype check: PASS" in text
   prng = json.load(open(tmp_path / "gpu_check_prng.json"))["results"]
   assert [r["prng"] for r in prng] == ["threefry2x32", "rbg", "unsafe_rbg"] and not any(r["error"] for r in prng)
+  masks = json.load(open(tmp_path / "gpu_check_masks.json"))["results"]
+  assert [r["masks"] for r in masks] == ["counter", "jax"] and not any(r["error"] for r in masks)
   loader = (tmp_path / "gpu_check_loader.txt").read_text()
   rows = re.findall(r"^\s*this checkout\s+(\d)\s", loader, re.M)
   assert rows == ["0", "1", "0", "1"], loader  # features and raw, 0 and 1 workers

@@ -257,3 +257,55 @@ def test_fused_qkv_has_the_same_parameters_and_outputs_as_separate_projections()
     got = fused.apply({"params": params}, batch, **kw)
     for key in want:
       np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_threefry2x32_in_elementwise_ops_is_jax_threefry():
+  import jax.extend as jex  # pylint: disable=g-import-not-at-top
+  key = jax.random.key_data(jax.random.key(42))
+  counts = jnp.arange(2 * 1000, dtype=jnp.uint32)
+  x0, x1 = layers.threefry2x32(key[0], key[1], counts[:1000], counts[1000:])
+  np.testing.assert_array_equal(np.concatenate([x0, x1]), jex.random.threefry_2x32(key, counts))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_counter_dropout_masks_keep_the_rate_and_are_independent_between_elements(impl):
+  keep = np.asarray(layers.dropout_keep(jax.random.key(3, impl=impl), 0.9, (40, 100, 250)))
+  n = keep.size
+  assert abs(keep.mean() - 0.9) < 4 * np.sqrt(0.9 * 0.1 / n)
+  # Neighbours along every axis (the counter's low and high digits) are uncorrelated.
+  for axis in range(3):
+    a, b = np.moveaxis(keep, axis, 0)[:-1].ravel(), np.moveaxis(keep, axis, 0)[1:].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(a.size), axis
+  again = np.asarray(layers.dropout_keep(jax.random.key(3, impl=impl), 0.9, (40, 100, 250)))
+  other = np.asarray(layers.dropout_keep(jax.random.key(4, impl=impl), 0.9, (40, 100, 250)))
+  np.testing.assert_array_equal(keep, again)
+  assert abs(np.corrcoef(keep.ravel(), other.ravel())[0, 1]) < 4 / np.sqrt(n)
+
+
+def test_dropout_masks_jax_draws_what_flax_dropout_draws():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 30, 16)), jnp.float32)
+  rngs = {"dropout": jax.random.key(5)}
+  want = nn.Dropout(0.25).apply({}, x, deterministic=False, rngs=rngs)
+  got = layers.Dropout(0.25, "jax").apply({}, x, False, rngs=rngs)
+  np.testing.assert_array_equal(got, want)
+  counter = layers.Dropout(0.25).apply({}, x, False, rngs=rngs)
+  kept = np.asarray(counter) != 0
+  np.testing.assert_allclose(np.asarray(counter)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert 0.6 < kept.mean() < 0.9 and not np.array_equal(kept, np.asarray(want) != 0)
+  np.testing.assert_array_equal(layers.Dropout(0.25).apply({}, x, True), x)
+  np.testing.assert_array_equal(layers.Dropout(1.0).apply({}, x, False, rngs=rngs), np.zeros_like(x))
+  with pytest.raises(ValueError, match="dropout_masks='philox'"):
+    layers.Dropout(0.25, "philox").apply({}, x, False, rngs=rngs)
+
+
+def test_model_dropout_masks_switch_changes_only_the_draws():
+  rng = np.random.default_rng(10)
+  batch = _feature_batch(rng, lengths=[12, 7])
+  model, params = _init_apply(_tiny(num_layers=2), batch)
+  old = avt.PretrainModel(_tiny(num_layers=2, dropout_masks="jax"))
+  kw = dict(deterministic=False, rngs={"dropout": jax.random.key(1)})
+  a, b = model.apply({"params": params}, batch, **kw), old.apply({"params": params}, batch, **kw)
+  assert not np.allclose(a["recon_audio"], b["recon_audio"])
+  for key in a:  # deterministic: no dropout, the same function
+    np.testing.assert_array_equal(model.apply({"params": params}, batch)[key], old.apply({"params": params},
+                                                                                        batch)[key])

@@ -21,7 +21,7 @@ import ml_collections
 from flax import linen as nn
 
 from avt_jax.models.frontends import make_frontend
-from avt_jax.models.layers import Encoder, attention_mask, default_kernel_init, logical
+from avt_jax.models.layers import Dropout, Encoder, attention_mask, default_kernel_init, logical
 
 PRESETS = {
     "tiny": dict(width=32, num_heads=2, num_layers=1),
@@ -54,6 +54,7 @@ def model_config(size: str = "base", **overrides) -> ml_collections.ConfigDict:
       dtype="float32",            # compute dtype; parameters are always float32
       attention_impl="",          # '' = jax default, or 'xla' / 'cudnn'
       fused_qkv=False,            # self-attention Q/K/V as one matrix product (same parameters, same layout)
+      dropout_masks="counter",    # keep masks: 'counter' (threefry of element counters, fused) or 'jax' (bernoulli)
       remat=False,                # rematerialise each layer's activations in the backward pass
       scan_layers=False,          # scan over stacked layers (faster compiles; checkpoint layout [L, ...])
   ))
@@ -61,6 +62,11 @@ def model_config(size: str = "base", **overrides) -> ml_collections.ConfigDict:
     cfg.update(PRESETS[size])
   cfg.update(overrides)
   return cfg
+
+
+def dropout_masks(cfg) -> str:
+  """The model's dropout mask generator; configs saved before the field existed used jax.random.bernoulli."""
+  return cfg.get("dropout_masks", "jax")
 
 
 def _dtype(cfg) -> Any:
@@ -94,7 +100,7 @@ class AVEncoder(nn.Module):
     def encoder(name, dropout):
       return Encoder(cfg.num_layers, cfg.num_heads, cfg.mlp_ratio, cfg.embed_dropout, dropout,
                      cfg.residual_dropout, cfg.relu_dropout, dtype, impl, cfg.remat, cfg.get("scan_layers", False),
-                     cfg.get("fused_qkv", False), name=name)
+                     cfg.get("fused_qkv", False), dropout_masks(cfg), name=name)
 
     v_a = encoder("cross_visual_audio", cfg.cross_attention_dropout)(
         v, v_pos, attn_mask, deterministic, kv=a, kv_pos_valid=a_pos)
@@ -111,6 +117,7 @@ class ReconstructionHead(nn.Module):
   out_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  dropout_masks: str = "counter"
 
   @nn.compact
   def __call__(self, h, deterministic: bool = True):
@@ -121,7 +128,7 @@ class ReconstructionHead(nn.Module):
                       bias_init=logical(nn.initializers.zeros, (axes[1],)))
 
     x = nn.relu(dense(width, "proj1", ("embed", "mlp"))(h))
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = Dropout(self.dropout, self.dropout_masks)(x, deterministic)
     x = dense(width, "proj2", ("mlp", "embed"))(x) + h
     return dense(self.out_dim, "out", ("embed", "feature"))(x).astype(jnp.float32)
 
@@ -131,12 +138,13 @@ class MLPHead(nn.Module):
   out_dim: int
   hidden: int = 16
   dropout: float = 0.0
+  dropout_masks: str = "counter"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     x = nn.Dense(self.hidden, name="hidden", kernel_init=logical(default_kernel_init, ("embed", "mlp")),
                  bias_init=logical(nn.initializers.zeros, ("mlp",)))(x)
-    x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
+    x = Dropout(self.dropout, self.dropout_masks)(nn.relu(x), deterministic)
     return nn.Dense(self.out_dim, name="out", kernel_init=logical(default_kernel_init, ("mlp", "classes")),
                     bias_init=logical(nn.initializers.zeros, ("classes",)))(x)
 
@@ -160,8 +168,11 @@ class PretrainModel(nn.Module):
     cfg = self.config
     h = AVEncoder(cfg, name="encoder")(batch["audio"], batch["visual"], batch["mask"], deterministic)
     dtype = _dtype(cfg)
-    rec_a = ReconstructionHead(cfg.audio_target_dim, cfg.recon_dropout, dtype, name="recon_audio")(h, deterministic)
-    rec_v = ReconstructionHead(cfg.visual_target_dim, cfg.recon_dropout, dtype, name="recon_visual")(h, deterministic)
+    masks = dropout_masks(cfg)
+    rec_a = ReconstructionHead(cfg.audio_target_dim, cfg.recon_dropout, dtype, masks, name="recon_audio")(
+        h, deterministic)
+    rec_v = ReconstructionHead(cfg.visual_target_dim, cfg.recon_dropout, dtype, masks, name="recon_visual")(
+        h, deterministic)
     return {"features": h, "recon_audio": rec_a, "recon_visual": rec_v}
 
 
@@ -176,5 +187,6 @@ class FinetuneModel(nn.Module):
     cfg = self.config
     h = AVEncoder(cfg, name="encoder")(batch["audio"], batch["visual"], batch["mask"], deterministic)
     pooled = readout(h, batch["mask"], cfg.readout)
-    out = MLPHead(self.num_outputs, cfg.head_hidden, cfg.head_dropout, name="head")(pooled, deterministic)
+    out = MLPHead(self.num_outputs, cfg.head_hidden, cfg.head_dropout, dropout_masks(cfg), name="head")(
+        pooled, deterministic)
     return {"features": h, "pooled": pooled, "output": out}

@@ -73,7 +73,77 @@ def attention_mask(q_valid: jax.Array | None, kv_valid: jax.Array | None, q_len:
   return mask
 
 
-def reference_attention(q, k, v, mask, dropout_rng=None, dropout_rate=0.0, deterministic=True):
+# Threefry-2x32 (Salmon et al., SC 2011): 5 groups of 4 rounds, the key schedule injected after each group.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+DROPOUT_MASKS = ("counter", "jax")
+
+
+def _rotl(x: jax.Array, d: int) -> jax.Array:
+  return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
+
+
+def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 of the counters (x0, x1) under the key (k0, k1), all uint32, in plain elementwise ops.
+
+  The same hash as jax.random's threefry (tested against jax.extend.random.threefry_2x32); written out here because
+  jax's CPU lowering runs the rounds as a loop over whole arrays in memory, which XLA cannot fuse into the consumer.
+  """
+  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
+def dropout_keep(key: jax.Array, keep_prob: float, shape: tuple[int, ...], masks: str = "counter") -> jax.Array:
+  """Boolean keep mask of `shape`, True with probability `keep_prob`.
+
+  masks='counter': element i is kept when the first word of threefry-2x32 of the counter (i, 0) under `key` is below
+  keep_prob * 2^32, one hash per element in elementwise ops that XLA fuses into the select using the mask (7x
+  faster than jax.random.bernoulli on CPU, docs/scaling.md). masks='jax': jax.random.bernoulli (other bits).
+  """
+  if masks == "jax":
+    return jax.random.bernoulli(key, keep_prob, shape)
+  if masks != "counter":
+    raise ValueError(f"model.dropout_masks={masks!r}; expected one of {DROPOUT_MASKS}")
+  size = math.prod(shape)
+  if size >= 2 ** 32:
+    raise ValueError(f"dropout over {shape} ({size} elements): masks='counter' counts elements in 32 bits")
+  words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)  # 2 words (threefry) or 4 (rbg, unsafe_rbg)
+  k0, k1 = words[0], words[1]
+  if words.shape[0] == 4:  # a hash of all four words (rbg keys of seeds s are [0, s, 0, s]: no XOR folding)
+    k0, k1 = threefry2x32(k0, k1, words[2], words[3])
+  elif words.shape[0] != 2:
+    raise ValueError(f"dropout key of {words.shape[0]} words; expected 2 or 4")
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for d in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(stride)
+    stride *= shape[d]
+  bits, _ = threefry2x32(k0, k1, index, jnp.zeros(shape, jnp.uint32))
+  return bits < np.uint32(min(round(keep_prob * 2 ** 32), 2 ** 32 - 1))
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (as nn.Dropout) with the keep mask of `dropout_keep`; draws from the 'dropout' rng stream."""
+  rate: float
+  masks: str = "counter"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    keep_prob = 1.0 - self.rate
+    keep = dropout_keep(self.make_rng("dropout"), keep_prob, x.shape, self.masks)
+    return jnp.where(keep, x / keep_prob, 0).astype(x.dtype)
+
+
+def reference_attention(q, k, v, mask, dropout_rng=None, dropout_rate=0.0, deterministic=True,
+                        dropout_masks="counter"):
   """Multi-head attention with explicit softmax (used when attention dropout is active).
 
   q: [B, T, N, H] (already scaled), k/v: [B, S, N, H], mask: broadcastable to [B, N, T, S] or None.
@@ -83,7 +153,7 @@ def reference_attention(q, k, v, mask, dropout_rng=None, dropout_rate=0.0, deter
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   if not deterministic and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    keep = dropout_keep(dropout_rng, 1.0 - dropout_rate, weights.shape, dropout_masks)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(v.dtype)
   return jnp.einsum("bnts,bsnh->btnh", weights, v)
 
@@ -97,6 +167,7 @@ class MultiHeadAttention(nn.Module):
   # Self-attention as one product with the stacked Q/K/V kernels (same parameters). Off by default: no gain
   # measured on CPU (docs/scaling.md); scripts/gpu_check.sh measures it on a GPU.
   fused_qkv: bool = False
+  dropout_masks: str = "counter"
 
   @nn.compact
   def __call__(self, x_q, x_k, x_v, mask, deterministic: bool):
@@ -118,7 +189,8 @@ class MultiHeadAttention(nn.Module):
     # Queries are scaled after the projection (bias included), as in the release.
     q = q * jnp.asarray(head_dim ** -0.5, self.dtype)
     if not deterministic and self.dropout_rate > 0.0:
-      out = reference_attention(q, k, v, mask, self.make_rng("dropout"), self.dropout_rate, deterministic=False)
+      out = reference_attention(q, k, v, mask, self.make_rng("dropout"), self.dropout_rate, deterministic=False,
+                                dropout_masks=self.dropout_masks)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=self.implementation)
     return HeadMerge(width, self.dtype, name="out")(out)
@@ -174,10 +246,15 @@ class EncoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   fused_qkv: bool = False
+  dropout_masks: str = "counter"
 
   @nn.compact
   def __call__(self, x, x_k, x_v, mask, deterministic: bool):
     width = x.shape[-1]
+
+    def dropout(rate):
+      return Dropout(rate, self.dropout_masks)
+
     ln0 = layer_norm("ln_attention", self.dtype)
     h = ln0(x)
     if x_k is None:
@@ -185,19 +262,19 @@ class EncoderLayer(nn.Module):
     else:
       k, v = ln0(x_k), ln0(x_v)
     h = MultiHeadAttention(self.num_heads, self.attention_dropout, self.dtype, self.attention_impl,
-                           self.fused_qkv, name="attention")(h, k, v, mask, deterministic)
-    h = nn.Dropout(self.residual_dropout)(h, deterministic=deterministic)
+                           self.fused_qkv, self.dropout_masks, name="attention")(h, k, v, mask, deterministic)
+    h = dropout(self.residual_dropout)(h, deterministic)
     x = x + h
     h = layer_norm("ln_mlp", self.dtype)(x)
     h = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, name="fc1",
                  kernel_init=logical(default_kernel_init, ("embed", "mlp")),
                  bias_init=logical(nn.initializers.zeros, ("mlp",)))(h)
     h = nn.relu(h)
-    h = nn.Dropout(self.relu_dropout)(h, deterministic=deterministic)
+    h = dropout(self.relu_dropout)(h, deterministic)
     h = nn.Dense(width, dtype=self.dtype, name="fc2",
                  kernel_init=logical(default_kernel_init, ("mlp", "embed")),
                  bias_init=logical(nn.initializers.zeros, ("embed",)))(h)
-    h = nn.Dropout(self.residual_dropout)(h, deterministic=deterministic)
+    h = dropout(self.residual_dropout)(h, deterministic)
     x = x + h
     return nn.with_logical_constraint(x, BATCH_TIME_EMBED)
 
@@ -220,12 +297,13 @@ class Encoder(nn.Module):
   remat: bool = False
   scan_layers: bool = False  # one scanned layer with stacked [L, ...] parameters (a different checkpoint layout)
   fused_qkv: bool = False
+  dropout_masks: str = "counter"
 
   def _embed(self, x, pos_valid, deterministic):
     width = x.shape[-1]
     table = jnp.asarray(sinusoidal_table(x.shape[1] + 1, width))
     x = math.sqrt(width) * x.astype(jnp.float32) + table[position_ids(pos_valid)]
-    return nn.Dropout(self.embed_dropout)(x, deterministic=deterministic).astype(self.dtype)
+    return Dropout(self.embed_dropout, self.dropout_masks)(x, deterministic).astype(self.dtype)
 
   @nn.compact
   def __call__(self, x, pos_valid, mask, deterministic: bool, kv=None, kv_pos_valid=None):
@@ -236,7 +314,7 @@ class Encoder(nn.Module):
       x_k = self._embed(kv, kv_pos_valid, deterministic)
       x_v = self._embed(kv, kv_pos_valid, deterministic)
     args = (self.num_heads, self.mlp_ratio, self.attention_dropout, self.residual_dropout, self.relu_dropout,
-            self.dtype, self.attention_impl, self.fused_qkv)
+            self.dtype, self.attention_impl, self.fused_qkv, self.dropout_masks)
     if self.scan_layers:
       layer_cls = nn.remat(ScanLayer, static_argnums=()) if self.remat else ScanLayer
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
