@@ -55,13 +55,31 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
+def _exit_with_last_line(line: str) -> None:
+  """Prints `line` last on stderr and exits with status 1.
+
+  Everything the run keeps is closed by now, but the checkpointing library's background threads (a save failing
+  on a full disk, say) can still print tracebacks, from Python or C++, at any moment. Other writers are sent to
+  /dev/null first, so nothing comes after the cause; skipping interpreter shutdown keeps them from running on.
+  """
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  stderr = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.write(stderr, (line + "\n").encode())
+  os._exit(1)  # pylint: disable=protected-access
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _should_initialize_distributed():
     initialize_distributed()
-  from avt_jax import checkpointing, records, train  # pylint: disable=g-import-not-at-top
+  from avt_jax import checkpointing, records, train, writers  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   workdir = FLAGS.workdir or config.get("workdir")
   if not workdir:
@@ -69,15 +87,10 @@ def main(argv):
   try:  # train.run resolves relative paths against the current directory before anything is written.
     result = train.run(config, workdir)
   except (train.TrainingError, checkpointing.CheckpointError, checkpointing.CheckpointMismatchError,
-          records.RecordError, ValueError, FileNotFoundError, KeyError) as e:
+          writers.MetricsError, records.RecordError, ValueError, OSError, KeyError) as e:
     # The traceback goes to the log; the cause is the last line a user sees.
     logging.error("the run stopped", exc_info=True)
-    logging.flush()
-    print(f"avt_jax.main: error: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Everything the run keeps is closed by now; skipping interpreter shutdown keeps the checkpointing library's
-    # background threads (still failing on a full disk, say) from printing after the cause.
-    os._exit(1)  # pylint: disable=protected-access
+    _exit_with_last_line(f"avt_jax.main: error: {e}")
   logging.info("finished: %s", json.dumps(result, default=float))
   print(json.dumps(result, default=float))
 

@@ -114,9 +114,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     from etils import epath  # pylint: disable=g-import-not-at-top
     epath.Path(path).write_bytes(payload)
     return
-  with replacing(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(payload)
+  try:
+    with replacing(path) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(payload)
+  except OSError as e:
+    if e.filename or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror, path) from e  # a failed write or close (a full disk) names no file
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", object_only: bool = False) -> Any:

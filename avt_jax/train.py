@@ -497,6 +497,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     out = None
     t_log, steps_since = time.time(), 0
     result: dict[str, Any] = {}
+    finished = False
     try:
       while step < config.total_steps:
         saver.check()
@@ -558,6 +559,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           writer.write_scalars(step, metrics_)
           result.update(metrics_)
       _final_metrics(wd, result)
+      finished = True
       return result
     finally:
       stop.uninstall()
@@ -568,4 +570,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         manager.close()  # Waits for a save in flight.
       except Exception as e:  # pylint: disable=broad-except  (a failed save was reported above; do not mask it)
         logging.warning("closing the checkpoint manager of %s: %s", manager.directory, e)
-      writer.flush()
+      try:
+        writer.flush()
+      except writers.MetricsError as e:
+        if finished:
+          raise
+        logging.warning("%s", e)  # the error that stopped the run is the one to report

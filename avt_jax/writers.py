@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -66,13 +67,39 @@ def _jsonl_writer_class():
   return JsonlWriter
 
 
+class MetricsError(RuntimeError):
+  """Writing a run's metrics failed (a full disk, a lost permission); the message names the workdir."""
+
+
+class _Checked:
+  """Forwards to a metric writer; what its writes and flushes raise (OSError from metrics.jsonl, TensorFlow's own
+  error types, often without a message, from the event file) becomes MetricsError naming the workdir."""
+
+  def __init__(self, writer: Any, workdir: str):
+    self._writer, self._workdir = writer, workdir
+
+  def __getattr__(self, name: str) -> Any:
+    method = getattr(self._writer, name)
+
+    @functools.wraps(method)
+    def checked(*args, **kwargs):
+      try:
+        return method(*args, **kwargs)
+      except Exception as e:  # pylint: disable=broad-except
+        cause = " ".join(str(e).split()) or "no message (the log above may say more)"
+        raise MetricsError(f"writing the metrics of {self._workdir} ({name}) failed: {type(e).__name__}: "
+                           f"{cause}") from e
+
+    return checked
+
+
 def make_writer(workdir: str):
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   JsonlWriter = _jsonl_writer_class()  # pylint: disable=invalid-name
   if jax.process_index() > 0:
     return metric_writers.LoggingWriter()
-  return metric_writers.MultiWriter([metric_writers.create_default_writer(workdir, asynchronous=False),
-                                     JsonlWriter(os.path.join(workdir, METRICS))])
+  return _Checked(metric_writers.MultiWriter([metric_writers.create_default_writer(workdir, asynchronous=False),
+                                              JsonlWriter(os.path.join(workdir, METRICS))]), workdir)
 
 
 METRICS = "metrics.jsonl"

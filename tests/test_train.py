@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from avt_jax import checkpointing, config_lib, input_pipeline, records, train
+from avt_jax import checkpointing, config_lib, input_pipeline, records, train, writers
 
 REPO = config_lib.REPO
 # One persistent XLA cache for every run of this module: identical programs compile once.
@@ -324,18 +324,49 @@ def test_failed_save_on_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
       f.write(b"\0" * max(free - 96 * 1024, 0))
     proc = subprocess.run(_cmd(wd, *short, "--config.total_steps=6"), env=_env(1), cwd=REPO, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # The cause is the last line, even with the library's background threads still printing failures.
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("avt_jax.main: error: saving checkpoint step 6 to ")
+    assert last.startswith("avt_jax.main: error: saving checkpoint step 6 to "), proc.stderr[-3000:]
     # The cause as the storage layer words it (tensorstore: RESOURCE_EXHAUSTED, the OS: errno 28).
     assert any(c in last for c in ("RESOURCE_EXHAUSTED", "No space left on device", "Errno 28")), last
     assert "the last committed checkpoint (step 3) is intact" in last
+    # A disk with no room at all fails before the first step, on whichever file comes first, named.
+    with open(os.path.join(mnt, "filler"), "ab") as f:
+      f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize))
+    proc = subprocess.run(_cmd(wd, *short, "--config.total_steps=6"), env=_env(1), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("avt_jax.main: error: ") and "No space left on device" in last and wd in last, \
+        proc.stderr[-3000:]
     os.remove(os.path.join(mnt, "filler"))
     assert _files(os.path.join(wd, "checkpoints", "3")) == before
     assert sorted(n for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit()) == ["3"]
     # With space again, the run resumes from step 3 and finishes.
     _run(wd, *short, "--config.total_steps=6")
     assert "6" in os.listdir(os.path.join(wd, "checkpoints"))
+  finally:
+    subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+def test_metrics_on_a_full_disk_fail_with_an_error_naming_the_workdir(tmp_path):
+  mnt = str(tmp_path / "small_disk")
+  if not _mount_tmpfs(mnt, "1m"):
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    wd = os.path.join(mnt, "run")
+    os.makedirs(wd)
+    writer = writers.make_writer(wd)  # TensorBoard's event file and metrics.jsonl
+    writer.write_scalars(0, {"train/loss": 1.0})
+    writer.flush()
+    with open(os.path.join(mnt, "filler"), "wb") as f:
+      f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize))
+    with pytest.raises(writers.MetricsError) as e:
+      for step in range(1, 200):
+        writer.write_scalars(step, {"train/loss": 1.0, "train/a_long_metric_name_to_fill_the_buffers": 2.0})
+      writer.flush()
+    assert str(e.value).startswith(f"writing the metrics of {wd} (")
   finally:
     subprocess.run(["umount", "-l", mnt], capture_output=True)
 
