@@ -269,6 +269,7 @@ class ClipSource:
                                 f"shards hold {sum(counts)} records ({dict(zip(self.info['shards'], counts))})")
     self._ends = list(np.cumsum(counts))
     self._reader = grain.sources.ArrayRecordDataSource(self.paths)
+    self._media = records.MediaFiles()
     self._check = check
     self._keep = None
     self.metadata_rows = None
@@ -297,7 +298,7 @@ class ClipSource:
       data = self._reader[g]
     except Exception as e:
       raise records.RecordError(f"{where}: cannot read record ({type(e).__name__}: {e})") from e
-    ex = records.decode(data, where)
+    ex = records.decode(data, where, self._media.beside(path))
     if self._check:
       self.geometry.check(ex, where)
     return ex

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+from unittest import mock
 
 import cv2
 import grain
@@ -545,7 +547,6 @@ def test_face_target_is_the_quantity_of_the_dataset_statistics():
 
 
 def _copy_dataset(src, dst) -> str:
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst)
   return str(dst)
 
@@ -562,6 +563,63 @@ def test_truncated_shard_is_named_when_the_dataset_is_opened(raw_dir, tmp_path):
   with pytest.raises(records.RecordError, match=f"^{shard}: not a readable ArrayRecord shard"):
     records.read_shard(shard)
   assert open(shard, "rb").read() == before
+
+
+def test_media_arrays_live_beside_the_shard_and_are_read_in_place(tmp_path):
+  clips = [make_clip(i, 3 + i) for i in range(3)]
+  shard = str(tmp_path / "a.array_record")
+  assert records.write_shard(shard, clips) == 3
+  (media,) = [p for p in os.listdir(tmp_path) if p.endswith(records.MEDIA_SUFFIX)]
+  with records.shard_reader(shard) as reader:
+    assert all(len(r) < 600 for r in reader.read_all())  # the records hold references, not the arrays
+  back = records.read_shard(shard)
+  for c, b in zip(clips, back):
+    _assert_same_tree(b, {k: c[k] for k in sorted(c)})
+    for k in records.MEDIA_KEYS:
+      assert not b[k].flags.writeable and b[k].ctypes.data % records.MEDIA_ALIGN == 0
+      assert isinstance(b[k].base, (np.ndarray, np.memmap)) and not b[k].flags.owndata  # a view of the map
+  # Written again with other clips: a new media file, the old one removed; the same clips: the same name.
+  records.write_shard(shard, clips[:2])
+  (media2,) = [p for p in os.listdir(tmp_path) if p.endswith(records.MEDIA_SUFFIX)]
+  assert media2 != media and len(records.read_shard(shard)) == 2
+  records.write_shard(shard, clips[:2])
+  assert [p for p in os.listdir(tmp_path) if p.endswith(records.MEDIA_SUFFIX)] == [media2]
+  # A truncated media file is named with the record and the bytes it lacks; a missing one with its path.
+  path = tmp_path / media2
+  path.write_bytes(path.read_bytes()[:-100])
+  with pytest.raises(records.RecordError, match=rf"^{shard}\[1\]\.visual: bytes \[\d+, \d+\) of the media file "
+                                                rf"{media2} requested, it has \d+: truncated"):
+    records.read_shard(shard)
+  path.unlink()
+  with pytest.raises(records.RecordError, match=rf"^{path}: media file not found"):
+    records.read_shard(shard)
+  # A record read without its shard's directory says how to read it.
+  with records.shard_reader(shard) as reader:
+    data = reader.read([0])[0]
+  with pytest.raises(records.RecordError, match="is stored in the media file"):
+    records.decode(data, "x")
+
+
+def test_pipeline_batches_are_the_same_from_inline_and_media_shards(tmp_path):
+  # Shards written before the media files (arrays inside the records) stay readable, with the same batches.
+  clips = [make_clip(i, 4 + i % 5) for i in range(10)]
+  media_dir = str(tmp_path / "media")
+  write_dataset(media_dir, clips)
+  inline_dir = str(tmp_path / "inline")
+  shutil.copytree(media_dir, inline_dir, ignore=shutil.ignore_patterns("*" + records.MEDIA_SUFFIX))
+  for name in records.load_dataset_info(inline_dir)["shards"]:
+    examples = records.read_shard(os.path.join(media_dir, name))
+    writer = array_record_module.ArrayRecordWriter(os.path.join(inline_dir, name), records.SHARD_OPTIONS)
+    for ex in examples:
+      writer.write(records.encode(ex))  # encode() packs the arrays inline, as write_shard did before
+    writer.close()
+  def batches(d):
+    ds = ip.make_dataset(d, split="train", global_batch_size=4, seed=3, max_tokens=6, num_epochs=1)
+    return list(ds)
+  a, b = batches(media_dir), batches(inline_dir)
+  assert len(a) == len(b) > 1
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
 
 
 def test_corrupted_record_is_named_with_its_index(raw_dir, tmp_path):
@@ -704,6 +762,22 @@ def test_face_target_on_the_device_equals_the_host_target():
                              targets.face_target(frames, 8), rtol=0, atol=2e-6)
 
 
+def _assert_same_tree(a, b, path="record"):
+  assert type(a) is type(b), (path, type(a), type(b))
+  if isinstance(b, dict):
+    assert list(a) == list(b), path
+    for k in b:
+      _assert_same_tree(a[k], b[k], f"{path}.{k}")
+  elif isinstance(b, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _assert_same_tree(x, y, f"{path}[{i}]")
+  elif isinstance(b, (np.ndarray, np.generic)):
+    assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True), path
+  else:
+    assert a == b, path
+
+
 def test_records_are_written_byte_for_byte_as_flax_serialization_writes_them():
   # records.encode writes flax.serialization's msgpack layout itself (so preparation workers need not import jax);
   # flax is the reference: real sample clips and every leaf type a record can hold.
@@ -724,6 +798,25 @@ def test_records_are_written_byte_for_byte_as_flax_serialization_writes_them():
   for x in real:
     back = records.decode(records.encode(x))
     assert back.keys() == x.keys() and all(np.array_equal(back[k], x[k]) for k in x if k != "targets")
+  # decode reads the arrays as views of the record's bytes, and gives what flax reads, type for type.
+  for example in [*real, leaves]:
+    data = records.encode(example)
+    _assert_same_tree(records.decode(data), serialization.msgpack_restore(data))
+  data = records.encode(real[0])
+  visual = records.decode(data)["visual"]
+  while isinstance(visual, np.ndarray):  # a view (of a view) of the record's bytes
+    assert not visual.flags.owndata
+    visual = visual.base
+  assert visual is data
+  # What it does not parse itself goes to flax: bfloat16 (flax's dtype), chunked arrays, other extension types.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  for extra in (jnp.ones((2, 3), jnp.bfloat16), np.arange(300, dtype=np.uint8), 1 + 2j):
+    data = serialization.msgpack_serialize(dict(real[0], extra=extra))
+    if isinstance(extra, np.ndarray):  # flax's chunked layout, forced here with a small chunk size
+      with mock.patch.object(serialization, "MAX_CHUNK_SIZE", 100):
+        data = serialization.msgpack_serialize(dict(real[0], extra=extra))
+      assert b"__msgpack_chunked_array__" in data
+    _assert_same_tree(records.decode(data), serialization.msgpack_restore(data))
   with pytest.raises(TypeError, match="cannot write a tuple"):
     records.encode(dict(leaves, label=(1, 2)))
   with pytest.raises(TypeError, match="dtype object"):

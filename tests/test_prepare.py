@@ -130,10 +130,11 @@ def test_interrupted_run_resumes_to_identical_shards(inputs, full, tmp_path):
   first = prepare.prepare(_options(inputs, out, stop_after=3))
   assert not first["done"]
   written = {n: os.stat(os.path.join(out, "shards", n)) for n in os.listdir(out / "shards")}
-  assert sorted(written) == ["clips-00000-of-00003.array_record"]  # inputs 0, 1 finished; input 2 cached
+  assert [n.split(".")[:2] for n in sorted(written)] == [["clips-00000-of-00003", "array_record"]] * 2
+  assert sorted(written)[1].endswith(records.MEDIA_SUFFIX)  # inputs 0, 1 finished (shard + media); input 2 cached
   assert os.path.exists(out / "work" / "0000002.json") and os.path.exists(out / "work" / "0000002.rec")
   second = prepare.prepare(_options(inputs, out, stop_after=1, workers=2))
-  assert not second["done"] and len(os.listdir(out / "shards")) == 2
+  assert not second["done"] and len(os.listdir(out / "shards")) == 4
   final = prepare.prepare(_options(inputs, out, workers=2))
   assert final["done"] and final["note"] == "processed 2 clips"
   assert _shard_bytes(str(out)) == _shard_bytes(out_full)
