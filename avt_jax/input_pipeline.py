@@ -558,6 +558,20 @@ def stored_keys(keys: Sequence[str]) -> tuple[str, ...]:
   return out if "mask" in out else out + ("mask",)
 
 
+# XLA's CPU client uses a host array in place when it is 64-byte aligned and copies it otherwise; numpy aligns
+# large allocations to 16 bytes. For a raw batch (64 clips of T=50, 212 MB) jax.device_put took 150 ms copied
+# against about 1 ms in place (2-core development machine): most of the time the loader spent per batch.
+_DEVICE_ALIGN = 64
+
+def _batch_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """An uninitialised batch array that reaches a CPU device without a copy (see above)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  buf = np.empty(nbytes + _DEVICE_ALIGN, np.uint8)
+  start = -buf.ctypes.data % _DEVICE_ALIGN
+  return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class BatchAssembler:
   """(record, crop start) items -> one batch at stored scale: each clip's window sliced and copied once into the
   batch arrays, zeros past its end; mask, label, targets, weight. Items whose record is None are padding clips
@@ -571,12 +585,12 @@ class BatchAssembler:
     geo, t, b = self.geometry, self.max_tokens, len(items)
     if geo.kind == "raw":
       ka, kv, s = geo.audio_frames, geo.visual_frames, geo.visual_size
-      audio = np.empty((b, t * ka, geo.audio_dim), np.float32)
-      visual = np.empty((b, t * kv, s, s, 3), np.uint8)
+      audio = _batch_array((b, t * ka, geo.audio_dim), np.float32)
+      visual = _batch_array((b, t * kv, s, s, 3), np.uint8)
     else:
       ka = kv = 1
-      audio = np.empty((b, t, geo.audio_dim), np.float32)
-      visual = np.empty((b, t, geo.visual_dim), np.float32)
+      audio = _batch_array((b, t, geo.audio_dim), np.float32)
+      visual = _batch_array((b, t, geo.visual_dim), np.float32)
     mask = np.zeros((b, t), bool)
     label = np.full((b,), -1, np.int32)
     clip_targets = np.full((b, 3), np.nan, np.float32)

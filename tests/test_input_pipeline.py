@@ -121,6 +121,19 @@ def test_raw_batch_shapes_and_dtypes(raw_dir):
   assert {k: (v.shape, v.dtype) for k, v in dummy.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
 
 
+def test_stored_batches_reach_a_cpu_device_without_a_copy(raw_dir, feat_dir):
+  import jax  # pylint: disable=import-outside-toplevel
+  for data in (raw_dir, feat_dir):
+    ds = ip.make_dataset(data, split="train", global_batch_size=4, seed=0, max_tokens=5, process_index=0,
+                         process_count=1, finish=False)
+    b = take(ds, 1)[0]
+    for k in ("audio", "visual"):
+      assert b[k].ctypes.data % 64 == 0, (data, k)
+      on_device = jax.device_put(b[k], jax.devices("cpu")[0])
+      assert on_device.unsafe_buffer_pointer() == b[k].ctypes.data, (data, k)  # XLA uses the host array in place
+      np.testing.assert_array_equal(np.asarray(on_device), b[k])
+
+
 def test_features_batch_shapes_and_dtypes(feat_dir):
   ds = ip.make_dataset(feat_dir, split="eval", global_batch_size=4, seed=0, max_tokens=6, process_index=0,
                        process_count=1)

@@ -345,7 +345,8 @@ def _work_files(out):
 
 def _check_interrupted(cmd, proc, out):
   stdout, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 130, (stdout, stderr)
+  # A string message, which pytest prints whole (a crash's thread dump included), where it would shorten a tuple.
+  assert proc.returncode == 130, f"exit status {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
   lines = stderr.strip().splitlines()
   assert len(lines) == 1, stderr
