@@ -69,13 +69,17 @@ def _keys_sorted(tree: Any) -> Any:
   return tree
 
 
+def _check_writable_dtype(x: np.ndarray) -> None:
+  if x.dtype.hasobject or x.dtype.isalignedstruct:
+    raise TypeError(f"cannot write an array of dtype {x.dtype} into a record")
+
+
 def _pack_array(x: Any) -> msgpack.ExtType:
   if not hasattr(x, "__array__"):  # numpy arrays and scalars, jax.Array
     raise TypeError(f"cannot write a {type(x).__name__} into a record")  # e.g. a tuple: strict msgpack refuses it
   code = _EXT_NPSCALAR if isinstance(x, np.generic) else _EXT_NDARRAY
   x = np.asarray(x)
-  if x.dtype.hasobject or x.dtype.isalignedstruct:
-    raise TypeError(f"cannot write an array of dtype {x.dtype} into a record")
+  _check_writable_dtype(x)
   if x.nbytes > _FLAX_MAX_CHUNK_BYTES:
     raise RecordError(f"an array of {x.nbytes} bytes is over the {_FLAX_MAX_CHUNK_BYTES} a record holds")
   return msgpack.ExtType(code, msgpack.packb((x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
@@ -372,8 +376,7 @@ def write_shard(path: str, examples: Iterable[Mapping[str, Any]]) -> int:
 
 def _write_media(media: Any, digest: Any, x: Any) -> tuple[tuple[int, ...], str, int]:
   x = np.ascontiguousarray(x)
-  if x.dtype.hasobject or x.dtype.isalignedstruct:
-    raise TypeError(f"cannot write an array of dtype {x.dtype} into a record")
+  _check_writable_dtype(x)
   pad = b"\0" * (-media.tell() % MEDIA_ALIGN)
   for chunk in (pad, x.reshape(-1).view(np.uint8)):
     media.write(chunk)

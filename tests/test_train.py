@@ -2,6 +2,7 @@
 a pretraining run, evaluation-only runs, damaged checkpoints, full disks, changed configs (meshes and init_from:
 test_setup.py)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -303,25 +304,32 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(unin
   assert _files(wd) == before
 
 
-def _mount_tmpfs(path, size) -> bool:
-  os.makedirs(path, exist_ok=True)
-  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-                        capture_output=True).returncode == 0
+@contextlib.contextmanager
+def _small_disk(tmp_path, size):
+  """A tmpfs of `size` mounted at tmp_path/small_disk for the block (the test is skipped where mounting needs root)."""
+  mnt = str(tmp_path / "small_disk")
+  os.makedirs(mnt, exist_ok=True)
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (needs root)")
+  try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+def _fill_disk(mnt, keep=0):
+  """Appends zeros to mnt/filler until `keep` bytes are left free."""
+  with open(os.path.join(mnt, "filler"), "ab") as f:
+    f.write(b"\0" * max(os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize - keep, 0))
 
 
 def test_failed_save_on_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
-  mnt = str(tmp_path / "small_disk")
-  if not _mount_tmpfs(mnt, "12m"):
-    pytest.skip("cannot mount a small tmpfs here (needs root)")
-  try:
+  with _small_disk(tmp_path, "12m") as mnt:
     wd = os.path.join(mnt, "run")
     short = ["--config.checkpoint_every_steps=3", "--config.data.eval=", "--config.log_every_steps=1"]
     _run(wd, *short, "--config.total_steps=3")
     before = _files(os.path.join(wd, "checkpoints", "3"))
-    # Fill the disk, leaving room for log lines but not for another checkpoint.
-    with open(os.path.join(mnt, "filler"), "wb") as f:
-      free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
-      f.write(b"\0" * max(free - 96 * 1024, 0))
+    _fill_disk(mnt, keep=96 * 1024)  # room for log lines but not for another checkpoint
     proc = subprocess.run(_cmd(wd, *short, "--config.total_steps=6"), env=_env(1), cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -332,8 +340,7 @@ def test_failed_save_on_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
     assert any(c in last for c in ("RESOURCE_EXHAUSTED", "No space left on device", "Errno 28")), last
     assert "the last committed checkpoint (step 3) is intact" in last
     # A disk with no room at all fails before the first step, on whichever file comes first, named.
-    with open(os.path.join(mnt, "filler"), "ab") as f:
-      f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize))
+    _fill_disk(mnt)
     proc = subprocess.run(_cmd(wd, *short, "--config.total_steps=6"), env=_env(1), cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -346,29 +353,21 @@ def test_failed_save_on_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
     # With space again, the run resumes from step 3 and finishes.
     _run(wd, *short, "--config.total_steps=6")
     assert "6" in os.listdir(os.path.join(wd, "checkpoints"))
-  finally:
-    subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
 def test_metrics_on_a_full_disk_fail_with_an_error_naming_the_workdir(tmp_path):
-  mnt = str(tmp_path / "small_disk")
-  if not _mount_tmpfs(mnt, "1m"):
-    pytest.skip("cannot mount a small tmpfs here (needs root)")
-  try:
+  with _small_disk(tmp_path, "1m") as mnt:
     wd = os.path.join(mnt, "run")
     os.makedirs(wd)
     writer = writers.make_writer(wd)  # TensorBoard's event file and metrics.jsonl
     writer.write_scalars(0, {"train/loss": 1.0})
     writer.flush()
-    with open(os.path.join(mnt, "filler"), "wb") as f:
-      f.write(b"\0" * (os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize))
+    _fill_disk(mnt)
     with pytest.raises(writers.MetricsError) as e:
       for step in range(1, 200):
         writer.write_scalars(step, {"train/loss": 1.0, "train/a_long_metric_name_to_fill_the_buffers": 2.0})
       writer.flush()
     assert str(e.value).startswith(f"writing the metrics of {wd} (")
-  finally:
-    subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
 def test_eval_and_test_data_are_checked_before_the_first_step(tmp_path):
