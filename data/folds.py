@@ -89,9 +89,9 @@ def msp_improv_folds() -> dict[str, Any]:
 
 
 def synth_folds(num_speakers: int = 20, num_folds: int = 5, num_validation: int = 3,
-                dataset: str = "avt_synth") -> dict[str, Any]:
-  """avt_synth (v1) and avt_synth_v2: folds over the labelled speakers synth_s00.. (data/synth.py)."""
-  speakers = [f"synth_s{s:02d}" for s in range(num_speakers)]
+                dataset: str = "avt_synth", prefix: str = "synth") -> dict[str, Any]:
+  """avt_synth (v1) and avt_synth_v2: folds over the labelled speakers <prefix>_s00.. (data/synth.py)."""
+  speakers = [f"{prefix}_s{s:02d}" for s in range(num_speakers)]
   return {
       "dataset": dataset, "field": "speaker",
       "protocol": (f"{num_folds} folds over the {num_speakers} labelled speakers in id order, contiguous blocks; "
@@ -105,8 +105,14 @@ def synth_v2_folds() -> dict[str, Any]:
   return synth_folds(30, 5, 4, dataset="avt_synth_v2")
 
 
+def synth_v2_pool_folds() -> dict[str, Any]:
+  """avt_synth_v2's held-out pool speakers (pretrain_val/, synthval_s00..s09), for choosing settings without the
+  benchmark's folds: 5 folds of 2 test, 2 validation and 6 training speakers."""
+  return synth_folds(10, 5, 2, dataset="avt_synth_v2/pretrain_val", prefix="synthval")
+
+
 SHIPPED = {"crema_d.json": crema_d_folds, "msp_improv.json": msp_improv_folds, "avt_synth.json": synth_folds,
-           "avt_synth_v2.json": synth_v2_folds}
+           "avt_synth_v2.json": synth_v2_folds, "avt_synth_v2_pool.json": synth_v2_pool_folds}
 
 
 # --------------------------------------------------------------------------------------------------------------

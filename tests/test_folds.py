@@ -58,6 +58,20 @@ def test_synth_v2_folds_are_six_speaker_blocks():
     assert len(f["train"]) == 20
 
 
+def test_synth_v2_pool_folds_cover_the_held_out_pool_speakers():
+  folds = _load("avt_synth_v2_pool.json")
+  assert folds == json.loads(json.dumps(folds_lib.synth_v2_pool_folds()))
+  speakers = [f"synthval_s{s:02d}" for s in range(10)]
+  _check_partition(folds, speakers)
+  for k, f in enumerate(folds["folds"]):
+    assert f["test"] == speakers[2 * k:2 * k + 2]
+    assert f["validation"] == speakers[2 * ((k + 1) % 5):2 * ((k + 1) % 5) + 2]
+    assert len(f["train"]) == 6
+  # Disjoint from the benchmark's own folds: a choice made on the pool sees none of their speakers.
+  benchmark = {g for f in _load("avt_synth_v2.json")["folds"] for g in f["test"]}
+  assert not benchmark & set(speakers)
+
+
 def test_msp_improv_is_leave_one_session_out():
   folds = _load("msp_improv.json")
   assert folds == json.loads(json.dumps(folds_lib.msp_improv_folds()))
