@@ -83,13 +83,14 @@ def has_iterator_state(manager: ocp.CheckpointManager, step: int) -> bool:
 
 
 def position_iterator(data_iter, batch_index: int) -> None:
-  """Moves a fresh (in-process) Grain iterator, or a `sharding.DevicePrefetch` of one, to batch `batch_index`."""
+  """Moves a fresh training iterator (Grain's in-process one or `batch_workers`', or a `sharding.DevicePrefetch` of
+  either) to batch `batch_index`."""
   state = data_iter.get_state()
   encoded = isinstance(state, bytes)  # DevicePrefetch speaks Grain's JSON-bytes protocol
   state = json.loads(state) if encoded else state
   if not isinstance(state, dict) or "next_index" not in state:
-    raise ValueError("cannot position this data iterator (prefetch workers?): resume with the process count the "
-                     "checkpoint was written with, or with data.worker_count=0")
+    raise ValueError(f"cannot position this data iterator (its state {state!r} holds no batch position): resume "
+                     "with the process count the checkpoint was written with")
   state = dict(state, next_index=int(batch_index))
   data_iter.set_state(json.dumps(state).encode() if encoded else state)
 

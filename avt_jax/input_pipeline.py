@@ -5,9 +5,9 @@ API so that its iterator can be checkpointed (`get_state` / `set_state`, or `gra
 inside an Orbax `CheckpointManager`):
 
   train: source(s) -> shuffle per epoch -> repeat -> [mix] -> crop start -> batch (assemble) -> process slice
-         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform] -> [finish]
+         -> to_iter_dataset, or prefetch workers -> [batch_transform] -> [finish]
   eval:  source(s) -> [concatenate] -> process slice -> pad with weight-0 items -> batch (assemble)
-         -> to_iter_dataset -> [mp_prefetch] -> [batch_transform] -> [finish]
+         -> to_iter_dataset, or prefetch workers -> [batch_transform] -> [finish]
 
 Assembling (`BatchAssembler`) slices each clip's window and copies it once into the batch arrays, at stored scale;
 finishing (`BatchFinisher`: normalisation, reconstruction targets, zeroed padding) is pure array arithmetic that
@@ -33,13 +33,12 @@ import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from absl import flags
 from flax import serialization
 import grain
 import msgpack
 import numpy as np
 
-from avt_jax import records, targets
+from avt_jax import batch_workers, records, targets
 
 MANIFEST = "manifest.jsonl"
 TFDS_PREFIX = "tfds:"
@@ -559,62 +558,68 @@ def stored_keys(keys: Sequence[str]) -> tuple[str, ...]:
   return out if "mask" in out else out + ("mask",)
 
 
-# XLA's CPU client uses a host array in place when it is 64-byte aligned and copies it otherwise; numpy aligns
-# large allocations to 16 bytes. For a raw batch (64 clips of T=50, 212 MB) jax.device_put took 150 ms copied
-# against about 1 ms in place (2-core development machine): most of the time the loader spent per batch.
-_DEVICE_ALIGN = 64
-
-
-def _batch_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-  """An uninitialised batch array that reaches a CPU device without a copy (see above)."""
-  dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-  buf = np.empty(nbytes + _DEVICE_ALIGN, np.uint8)
-  start = -buf.ctypes.data % _DEVICE_ALIGN
-  return buf[start:start + nbytes].view(dtype).reshape(shape)
-
-
 class BatchAssembler:
   """(record, crop start) items -> one batch at stored scale: each clip's window sliced and copied once into the
   batch arrays, zeros past its end; mask, label, targets, weight. Items whose record is None are padding clips
-  (mask False, label -1, targets NaN, weight 0). Used as grain's `batch_fn`, so it runs where the batch is built
-  (a prefetch worker or the consuming process)."""
+  (mask False, label -1, targets NaN, weight 0). Used as grain's `batch_fn` in the consuming process, or by the
+  prefetch workers (`batch_workers`) with their shared memory as `out`. Batches made here reuse the memory of
+  batches no longer referred to (`batch_workers.BufferPool`); every array is 64-byte aligned, so it reaches a CPU
+  device without a copy."""
 
   def __init__(self, geometry: Geometry, max_tokens: int, keys: Sequence[str]):
     self.geometry, self.max_tokens, self.keys = geometry, int(max_tokens), stored_keys(keys)
+    if not {"audio", "visual"} <= set(self.keys):
+      raise ValueError(f"batch keys {tuple(keys)} lack 'audio' or 'visual': every model batch has both")
+    self._buffers = batch_workers.BufferPool()
+    self._layouts: dict[int, batch_workers.SlotLayout] = {}
 
-  def __call__(self, items: Sequence[tuple[Mapping[str, Any] | None, int]]) -> dict[str, np.ndarray]:
-    geo, t, b = self.geometry, self.max_tokens, len(items)
+  def shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array of a batch of `batch_size` clips."""
+    geo, t, b = self.geometry, self.max_tokens, int(batch_size)
     if geo.kind == "raw":
-      ka, kv, s = geo.audio_frames, geo.visual_frames, geo.visual_size
-      audio = _batch_array((b, t * ka, geo.audio_dim), np.float32)
-      visual = _batch_array((b, t * kv, s, s, 3), np.uint8)
+      s = geo.visual_size
+      media = {"audio": ((b, t, geo.audio_frames, geo.audio_dim), np.float32),
+               "visual": ((b, t, geo.visual_frames, s, s, 3), np.uint8)}
     else:
-      ka = kv = 1
-      audio = _batch_array((b, t, geo.audio_dim), np.float32)
-      visual = _batch_array((b, t, geo.visual_dim), np.float32)
-    mask = np.zeros((b, t), bool)
-    label = np.full((b,), -1, np.int32)
-    clip_targets = np.full((b, 3), np.nan, np.float32)
-    weight = np.zeros((b,), np.float32)
+      media = {"audio": ((b, t, geo.audio_dim), np.float32), "visual": ((b, t, geo.visual_dim), np.float32)}
+    small = {"mask": ((b, t), np.bool_), "label": ((b,), np.int32), "targets": ((b, 3), np.float32),
+             "weight": ((b,), np.float32)}
+    every = {**media, **small}
+    return {k: (every[k][0], np.dtype(every[k][1])) for k in self.keys}
+
+  def __call__(self, items: Sequence[tuple[Mapping[str, Any] | None, int]],
+               out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The batch of `items`; with `out` (arrays of `shapes(n)` for some n >= len(items), e.g. a prefetch
+    worker's shared memory) written into the first len(items) rows of those arrays instead of new ones."""
+    geo, t, b = self.geometry, self.max_tokens, len(items)
+    ka, kv = (geo.audio_frames, geo.visual_frames) if geo.kind == "raw" else (1, 1)
+    if out is None:
+      if b not in self._layouts:
+        self._layouts[b] = batch_workers.SlotLayout.of(self.shapes(b))
+      out = self._buffers.take(self._layouts[b])
+    out = {k: v[:b] for k, v in out.items()}
+    # Media as [B, frames, ...] views: each clip's window is then one slice.
+    audio = out["audio"].reshape(b, t * ka, *out["audio"].shape[-1:])
+    visual = out["visual"].reshape(b, t * kv, *out["visual"].shape[2 + (geo.kind == "raw"):])
+    mask, label = out.get("mask"), out.get("label")
+    clip_targets, weight = out.get("targets"), out.get("weight")
     for i, (record, start) in enumerate(items):
       n = 0
       if record is not None:
         n = min(int(np.asarray(record["num_tokens"])), t)
         audio[i, :n * ka] = record["audio"][start * ka:(start + n) * ka]
         visual[i, :n * kv] = record["visual"][start * kv:(start + n) * kv]
-        mask[i, :n] = True
-        label[i] = np.asarray(record["label"])
-        clip_targets[i] = np.asarray(record["targets"], np.float32).reshape(3)
-        weight[i] = 1.0
-      audio[i, n * ka:] = 0  # np.empty above: only the tail past the clip is written twice, not the whole batch
+      audio[i, n * ka:] = 0  # uninitialised arrays: only the tail past the clip is written twice
       visual[i, n * kv:] = 0
-    if geo.kind == "raw":
-      audio = audio.reshape(b, t, ka, geo.audio_dim)
-      visual = visual.reshape(b, t, kv, s, s, 3)
-    batch = {"audio": audio, "visual": visual, "mask": mask, "label": label, "targets": clip_targets,
-             "weight": weight}
-    return {k: batch[k] for k in self.keys}
+      if mask is not None:
+        mask[i, :n], mask[i, n:] = True, False
+      if label is not None:
+        label[i] = np.asarray(record["label"]) if record is not None else -1
+      if clip_targets is not None:
+        clip_targets[i] = np.asarray(record["targets"], np.float32).reshape(3) if record is not None else np.nan
+      if weight is not None:
+        weight[i] = 1.0 if record is not None else 0.0
+    return out
 
 
 class BatchFinisher:
@@ -782,7 +787,8 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     process_index, process_count: this process's slice of the data (default: jax.process_index/count()).
     shuffle: train only; False keeps record order.
     num_epochs: train only; None repeats forever. With a mixture, the epochs of the source exhausted first.
-    worker_count: > 0 prefetches batches in that many processes (`mp_prefetch`); batches do not depend on it.
+    worker_count: > 0 makes batches ahead in that many processes (`batch_workers`: assembled in shared memory
+      that is reused); the batches and the iterator's state do not depend on it.
     mixture: optional weights overriding the `weight` of each source of the spec.
     batch_transform: optional picklable `fn(batch, rng) -> batch` applied to every assembled numpy batch (stored
       scale, before finishing) in the consuming process (e.g. an augmentation); rng is a numpy Generator,
@@ -831,11 +837,12 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
       if len(weights) != len(parts) or min(weights) <= 0:
         raise ValueError(f"mixture weights {weights} must be {len(parts)} positive numbers")
       ds = grain.MapDataset.mix(parts, weights)
-    ds = ds.random_map(CropStart(max_tokens), seed=_derive_seed(seed, 2))
+    items = ds.random_map(CropStart(max_tokens), seed=_derive_seed(seed, 2))
     # Batch, then give process p the batches p, p + n, ...: global batch k (the processes' local batches k, process
     # 0 first) is then exactly the single-process batch k, clips in the same order, for any process count.
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=assemble)
+    ds = items.batch(batch_size, drop_remainder=True, batch_fn=assemble)
     ds = ds[process_index::process_count]
+    stride, offset = process_count, process_index
   else:
     ds = grain.MapDataset.source(sources[0])
     if len(sources) > 1:
@@ -847,14 +854,15 @@ def make_dataset(spec: Any, *, split: str, global_batch_size: int, seed: int, ma
     if pad:
       padding = grain.MapDataset.source(_PaddingSource(pad))
       ds = grain.MapDataset.concatenate([ds, padding]) if len(ds) else padding
+    items = ds
     ds = ds.batch(batch_size, drop_remainder=False, batch_fn=assemble)
+    stride, offset = 1, 0
 
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if worker_count > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app.run use the defaults.
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=2))
+    it = batch_workers.worker_batches(items, assemble, batch_size=batch_size, num_workers=worker_count,
+                                      stride=stride, offset=offset, num_batches=len(ds))
+  else:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if batch_transform is not None:
     it = it.random_map(_BatchTransform(batch_transform), seed=_derive_seed(seed, 3, process_index))
   if finish:

@@ -143,7 +143,7 @@ def check_resume(config, saved: Mapping[str, Any], saved_path: str, stored_proce
         f"cannot resume {os.path.dirname(saved_path)}: the config differs from the one its checkpoints were written "
         "with:\n  " + "\n  ".join(refused) + "\nUse a new --workdir, or, if resuming with this change is intended, "
         f"add --config.allow_resume_changes={names} (a different model can never resume; a different process count "
-        "repeats the data order exactly only with data.worker_count=0).")
+        "continues the data order exactly).")
   return changed
 
 

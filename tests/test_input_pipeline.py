@@ -383,6 +383,81 @@ def test_prefetch_workers_give_same_batches_and_resume(raw_dir):
     it2.close()
 
 
+@pytest.mark.parametrize("kind", ["raw", "features"])
+def test_worker_batches_equal_in_process_batches_for_train_and_eval(kind, raw_dir, feat_dir):
+  data = raw_dir if kind == "raw" else feat_dir
+  common = dict(global_batch_size=4, seed=3, max_tokens=5, process_count=2, finish=False)
+  for split, n, p, workers in (("train", 7, 0, 1), ("train", 7, 1, 3), ("eval", None, 1, 2)):
+    ref = ip.make_dataset(data, split=split, process_index=p, **common)
+    ref = take(ref, n) if n else list(ref)
+    it = iter(ip.make_dataset(data, split=split, process_index=p, worker_count=workers, **common))
+    try:
+      got = [next(it) for _ in range(n)] if n else list(it)
+    finally:
+      it.close()
+    _assert_batches_equal(got, ref)  # eval: the last batch is padded as in-process
+    assert it.get_state() == {"next_index": len(ref)}
+
+
+def test_worker_batches_are_not_overwritten_while_in_use(raw_dir):
+  import jax  # pylint: disable=import-outside-toplevel
+  kw = dict(split="train", global_batch_size=3, seed=7, max_tokens=4, process_index=0, process_count=1,
+            finish=False)
+  ref = take(ip.make_dataset(raw_dir, **kw), 20)
+  it = iter(ip.make_dataset(raw_dir, worker_count=2, **kw))
+  try:
+    kept = [next(it) for _ in range(6)]        # more batches than the workers' first slots: they get more
+    on_device = []
+    for _ in range(6):                         # on a CPU device the arrays are used in place; the numpy ones go
+      b = next(it)
+      on_device.append({k: jax.device_put(v, jax.devices("cpu")[0]) for k, v in b.items()})
+      assert on_device[-1]["visual"].unsafe_buffer_pointer() == b["visual"].ctypes.data
+      del b
+    for _ in range(8):                         # the slots of dropped numpy batches are reused, not those in use
+      next(it)
+  finally:
+    it.close()
+  _assert_batches_equal(kept + [{k: np.asarray(v) for k, v in b.items()} for b in on_device], ref[:12])
+
+
+def test_worker_errors_name_the_batch_and_the_record(tmp_path):
+  root = str(tmp_path)
+  write_dataset(root, [make_clip(i, 3) for i in range(4)], num_shards=1)
+  with open(os.path.join(root, "shards", "clips-00000-of-00001.array_record"), "r+b") as f:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+  media = [n for n in os.listdir(os.path.join(root, "shards")) if n.endswith(".media")]
+  assert media and size
+  os.truncate(os.path.join(root, "shards", media[0]), 10)  # every record's arrays now point past the file's end
+  it = iter(ip.make_dataset(root, split="eval", global_batch_size=2, seed=0, max_tokens=3, process_index=0,
+                            process_count=1, worker_count=1))
+  with pytest.raises(RuntimeError, match=r"(?s)batch prefetch worker 0 failed on batch 0 \(clips 0\.\.1.*media"):
+    next(it)
+  it.close()
+
+
+def test_a_killed_worker_is_reported(raw_dir):
+  import signal  # pylint: disable=import-outside-toplevel
+  it = iter(ip.make_dataset(raw_dir, split="train", global_batch_size=3, seed=7, max_tokens=4, process_index=0,
+                            process_count=1, worker_count=1, finish=False))
+  try:
+    next(it)
+    os.kill(it._pool.procs[0].pid, signal.SIGKILL)  # pylint: disable=protected-access
+    with pytest.raises(RuntimeError, match=r"batch prefetch worker 0 \(pid \d+\) ended with exit code -9"):
+      for _ in range(10):
+        next(it)
+  finally:
+    it.close()
+
+
+def test_worker_iterator_refuses_an_old_multiprocess_state(raw_dir):
+  it = iter(ip.make_dataset(raw_dir, split="train", global_batch_size=3, seed=7, max_tokens=4, process_index=0,
+                            process_count=1, worker_count=1, finish=False))  # the trainer's iterator
+  with pytest.raises(ValueError, match="data.worker_count=0"):
+    it.set_state({"workers_state": {"0": {"next_index": 2}}, "iterations_to_skip": {"0": 0},
+                  "last_worker_index": 0})
+
+
 # ----- errors, filtering, mixtures -----------------------------------------------------------------------------
 
 

@@ -101,6 +101,25 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   _assert_unique_rows(wd)
 
 
+def test_runs_with_prefetch_workers_equal_the_run_without_and_resume_with_another_count(uninterrupted, tmp_path):
+  wd = str(tmp_path / "workers")
+  proc = subprocess.Popen(_cmd(wd, *LONG, "--config.data.worker_count=1"), env=_env(1), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for(os.path.join(wd, "checkpoints", "10"), proc)
+  proc.send_signal(signal.SIGSTOP)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(wd, "checkpoints", "40")), "the run finished before it was killed"
+  with open(os.path.join(wd, "checkpoints", "10", checkpointing.DATA_ITER, "process_0-of-1.json")) as f:
+    assert json.load(f) == {"next_index": 10}  # the batch position, whatever the number of workers
+  _run(wd, *LONG, "--config.data.worker_count=2")
+  _assert_same_params(_params(uninterrupted, 40), _params(wd, 40))
+  full, got = _train_losses(uninterrupted), _train_losses(wd)
+  assert set(range(1, 41)) <= set(got)
+  for step in range(1, 41):
+    assert got[step] == full[step], step
+
+
 def test_sigterm_saves_and_relaunch_finishes_identically(uninterrupted, tmp_path):
   wd = str(tmp_path / "preempted")
   proc = subprocess.Popen(_cmd(wd, *LONG), env=_env(1), cwd=REPO, stdout=subprocess.DEVNULL,
