@@ -535,3 +535,26 @@ def test_synth_v2_sweep_prepares_its_benchmark_and_subsamples_validation(tmp_pat
     sweep_lib.load_sweep(sweep_lib.sweep_file(f"configs/sweeps/synth_v2.py:seed=4,data={data}"))
   with pytest.raises(ValueError, match="expected 'seed=<n>', 'data=<dir>'"):
     sweep_lib.load_sweep(sweep_lib.sweep_file("configs/sweeps/synth_v2.py:seeds=4"))
+
+
+def test_synth_v2_pool_sweep_runs_the_protocol_on_the_held_out_pool_speakers(tmp_path):
+  """configs/sweeps/synth_v2_pool.py: synth_v2's pretraining (here 7 steps), fine-tuning on pretrain_val/ in the
+  pool folds at 40% of the labels, about the label counts of the benchmark's 10% runs."""
+  data = tmp_path / "bench"
+  spec = f"configs/sweeps/synth_v2_pool.py:seed=3,data={data},pretrain_steps=7"
+  stats = sweep_lib.run_sweep(spec, str(tmp_path / "w"), dry_run=True, log=lambda *_: None)
+  assert len(stats["commands"]) == 21                      # pretraining + 5 folds x 2 seeds x 2 inits
+  pre = sweep_lib.build_config(str(tmp_path / "w" / "pretrain" / "run.json"))
+  assert pre.total_steps == 7 and pre.data.train == str(data / "pretrain")
+  pool = str(data / "pretrain_val")
+  runs = sweep_lib.expand(sweep_lib.load_sweep(sweep_lib.sweep_file(spec)), str(tmp_path / "w"),
+                          folds_lib.load_subsets(str(tmp_path / "w" / "subsets.json")),
+                          folds_lib.read_manifest(pool), lambda r: r["label"] >= 0)
+  assert {r.fraction for r in runs} == {0.4}
+  for r in runs:
+    o = r.spec["overrides"]
+    assert o["data.train"] == o["data.eval"] == o["data.test"] == pool
+    assert 47 <= r.train_labels <= 49 and 15 <= r.validation_labels <= 17
+    assert "total_steps" not in o                          # pretrain_steps is the pretraining's alone
+    test_speakers = set(o["data.test_filter"]["where"]["speaker"])
+    assert len(test_speakers) == 2 and all(s.startswith("synthval_s") for s in test_speakers)

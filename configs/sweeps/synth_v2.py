@@ -6,7 +6,8 @@
 The argument ("seed=<n>", "data=<dir>" or both, comma-separated) names the benchmark: the one `python -m
 data.synth --version=2 --seed=<n>` writes, at <dir> (default sample/avt_synth_v2 for seed 0,
 sample/avt_synth_v2_seed<n> otherwise); the sweep writes it there first when it is missing, and refuses a
-directory that holds another seed's benchmark.
+directory that holds another seed's benchmark. "pretrain_steps=<n>" changes the pretraining's length (not part of
+the protocol below: for attempts registered in docs/protocols.md).
 
 Fixed before any run (the protocol; changing a line here is a new protocol, reported as such):
   pretraining   configs/pretrain_synth.py:v2 on the pool (150 speakers), 1200 steps, batch 32, lr 1e-3, mask
@@ -28,12 +29,13 @@ import os
 from avt_jax import config_lib
 
 
-def _benchmark(arg: str) -> tuple[int, str]:
+def _options(arg: str) -> tuple[int, str, int | None]:
   opts = {}
   for item in filter(None, arg.split(",")):
     key, sep, value = item.partition("=")
-    if not sep or key not in ("seed", "data"):
-      raise ValueError(f"configs/sweeps/synth_v2.py:{arg}: expected 'seed=<n>', 'data=<dir>' or both")
+    if not sep or key not in ("seed", "data", "pretrain_steps"):
+      raise ValueError(f"configs/sweeps/synth_v2.py:{arg}: expected 'seed=<n>', 'data=<dir>', "
+                       "'pretrain_steps=<n>' (comma-separated)")
     opts[key] = value
   seed = int(opts.get("seed", 0))
   data = opts.get("data") or (config_lib.SYNTH_V2 if seed == 0 else f"{config_lib.SYNTH_V2}_seed{seed}")
@@ -45,11 +47,12 @@ def _benchmark(arg: str) -> tuple[int, str]:
     if generator.get("version") != 2 or generator.get("seed") != seed:
       raise ValueError(f"{data} holds avt_synth version {generator.get('version', 1)} seed {generator.get('seed')}, "
                        f"not version 2 seed {seed}: name another data=<dir>")
-  return seed, data
+  return seed, data, int(opts["pretrain_steps"]) if "pretrain_steps" in opts else None
 
 
 def get_sweep(arg: str = ""):
-  seed, data = _benchmark(arg)
+  seed, data, pretrain_steps = _options(arg)
+  pretrain_overrides = {} if pretrain_steps is None else {"total_steps": pretrain_steps}
   return dict(
       name=f"avt_synth_v2 (benchmark seed {seed}): pretrained vs scratch, 6 classes, speaker-independent folds",
       prepare=dict(creates=data, command=["python", "-m", "data.synth", "--version=2", f"--seed={seed}",
@@ -58,7 +61,7 @@ def get_sweep(arg: str = ""):
       pretrain=dict(config="configs/pretrain_synth.py:v2", overrides={
           "data.train": os.path.join(data, "pretrain"), "data.eval": os.path.join(data, "pretrain_val"),
           "evals.probe.fit.path": os.path.join(data, "pretrain_val"),
-          "evals.probe.data.path": os.path.join(data, "pretrain_val")}),
+          "evals.probe.data.path": os.path.join(data, "pretrain_val"), **pretrain_overrides}),
       gate=dict(model="eval/zeroed_l1", beat="eval/zeroed_l1_past_mean", baselines=["eval/zeroed_l1_clip_mean"]),
       folds="data/folds/avt_synth_v2.json",
       subsets=None,                   # drawn into <workdir>/subsets.json from this benchmark's manifest

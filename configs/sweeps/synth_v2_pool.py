@@ -4,7 +4,8 @@
       [--set=model.causal=false ...]
 
 Settings of a new attempt (pretraining or fine-tuning) are compared here, never on the benchmark's fine-tuning
-folds (docs/protocols.md). Everything is configs/sweeps/synth_v2.py (same argument: "seed=<n>", "data=<dir>"; same
+folds (docs/protocols.md). Everything is configs/sweeps/synth_v2.py (same argument: "seed=<n>", "data=<dir>",
+"pretrain_steps=<n>"; same
 pretraining, gate and fine-tuning) except the fine-tuning data: the 10 labelled speakers of <benchmark>/pretrain_val
 (no pretraining step trains on them, and none is a speaker of the benchmark's folds) in 5 folds of 6 training, 2
 validation and 2 test speakers (data/folds/avt_synth_v2_pool.json), at 40% of the labels: 48 training clips and 16
