@@ -47,6 +47,8 @@ def get_config(arg: str = ""):
     c.model.num_classes = 6
     c.select_metric = "accuracy"
   c.data.train = c.data.eval = c.data.test = config_lib.SYNTH_V2 if arg == "v2" else config_lib.SYNTH
+  if arg == "v2":
+    c.model.causal = False  # as configs/pretrain_synth.py:v2 (the protocol since attempt 2, docs/protocols.md)
   for key, value in fold_filters(0, FOLDS_V2 if arg == "v2" else FOLDS).items():
     c.data[key] = value
   c.data.max_tokens = 16

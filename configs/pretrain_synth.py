@@ -34,7 +34,10 @@ def get_config(arg: str = ""):
     v2 = config_lib.SYNTH_V2
     c.data.train = os.path.join(v2, "pretrain")
     c.data.eval = os.path.join(v2, "pretrain_val")
-    c.total_steps = 1200
+    # The v2 protocol's pretraining since attempt 2 was confirmed (docs/protocols.md): bidirectional attention,
+    # 3600 steps. The first protocol's: model.causal=True, total_steps=1200.
+    c.model.causal = False
+    c.total_steps = 3600
     c.eval_every_steps = 200
     c.eval_batch_size = 100
     held = [f"synthval_s{s:02d}" for s in range(10)]

@@ -507,6 +507,10 @@ def test_synth_v2_sweep_prepares_its_benchmark_and_subsamples_validation(tmp_pat
   assert pre["data.train"] == str(data / "pretrain") and pre["evals.probe.fit.path"] == str(data / "pretrain_val")
   cfg = sweep_lib.build_config(str(tmp_path / "w" / "pretrain" / "run.json"))
   assert cfg.data.eval == cfg.evals.probe.data.path == str(data / "pretrain_val") and cfg.task == "pretrain"
+  # The protocol's model and pretraining since attempt 2 (docs/protocols.md): bidirectional, 3600 steps.
+  assert cfg.total_steps == 3600 and not cfg.model.causal
+  assert not sweep_lib.build_config(str(tmp_path / "w" / "runs" / "fold0_frac010_seed0_pretrained_lr1e-03" /
+                                        "run.json")).model.causal
   assert set(cfg.evals.probe.fit.where.speaker) | set(cfg.evals.probe.data.where.speaker) == {
       f"synthval_s{k:02d}" for k in range(10)}
   subsets = folds_lib.load_subsets(str(tmp_path / "w" / "subsets.json"))
