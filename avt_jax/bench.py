@@ -462,7 +462,7 @@ def _define_flags():
   flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s of one device (default: from the device kind).")
   flags.DEFINE_string("loader", "", "Prepared dataset directory: also time the input pipeline on it.")
   flags.DEFINE_integer("loader_batches", 20, "Batches timed per loader measurement.")
-  flags.DEFINE_integer("loader_workers", 0, "Grain prefetch worker processes for the loader measurement.")
+  flags.DEFINE_integer("loader_workers", 0, "Prefetch worker processes for the loader measurement (data.worker_count).")
   flags.DEFINE_bool("compare_dtypes", False, "Also train a few steps in float32 and bfloat16 and compare losses.")
   flags.DEFINE_integer("compare_steps", 5, "Steps of the dtype comparison.")
   flags.DEFINE_float("compare_rtol", 0.02, "Largest relative loss difference bfloat16 vs float32 that passes.")
