@@ -264,7 +264,7 @@ class WorkerPrefetch(grain.IterDataset):
     if num_workers < 1 or slots_per_worker < 1:
       raise ValueError(f"num_workers ({num_workers}) and slots_per_worker ({slots_per_worker}) must be >= 1")
     self.plan, self.num_workers, self.slots_per_worker = plan, int(num_workers), int(slots_per_worker)
-    self.layout = SlotLayout.of(plan.assemble.shapes(plan.batch_size))
+    self.layout = plan.assemble.layout(plan.batch_size)
 
   def __iter__(self) -> "WorkerPrefetchIterator":
     return WorkerPrefetchIterator(self)

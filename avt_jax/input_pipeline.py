@@ -587,6 +587,12 @@ class BatchAssembler:
     every = {**media, **small}
     return {k: (every[k][0], np.dtype(every[k][1])) for k in self.keys}
 
+  def layout(self, batch_size: int) -> batch_workers.SlotLayout:
+    """Where the arrays of a batch of `batch_size` clips lie in one buffer (its memory, a worker's slot)."""
+    if batch_size not in self._layouts:
+      self._layouts[batch_size] = batch_workers.SlotLayout.of(self.shapes(batch_size))
+    return self._layouts[batch_size]
+
   def __call__(self, items: Sequence[tuple[Mapping[str, Any] | None, int]],
                out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The batch of `items`; with `out` (arrays of `shapes(n)` for some n >= len(items), e.g. a prefetch
@@ -594,9 +600,7 @@ class BatchAssembler:
     geo, t, b = self.geometry, self.max_tokens, len(items)
     ka, kv = (geo.audio_frames, geo.visual_frames) if geo.kind == "raw" else (1, 1)
     if out is None:
-      if b not in self._layouts:
-        self._layouts[b] = batch_workers.SlotLayout.of(self.shapes(b))
-      out = self._buffers.take(self._layouts[b])
+      out = self._buffers.take(self.layout(b))
     out = {k: v[:b] for k, v in out.items()}
     # Media as [B, frames, ...] views: each clip's window is then one slice.
     audio = out["audio"].reshape(b, t * ka, *out["audio"].shape[-1:])

@@ -47,26 +47,28 @@ def test_crema_d_folds_are_contiguous_actor_blocks():
     assert len(f["train"]) == 91 - (hi - lo + 1) - 9
 
 
+def _check_speaker_blocks(folds, speakers, block, num_validation):
+  """5 folds over contiguous blocks of `block` speakers: fold k tests block k, validates on the first
+  `num_validation` speakers of block k+1 (mod 5) and trains on the rest."""
+  _check_partition(folds, speakers)
+  for k, f in enumerate(folds["folds"]):
+    assert f["test"] == speakers[block * k:block * k + block]
+    nxt = block * ((k + 1) % 5)
+    assert f["validation"] == speakers[nxt:nxt + num_validation]
+    assert len(f["train"]) == len(speakers) - block - num_validation
+
+
 def test_synth_v2_folds_are_six_speaker_blocks():
   folds = _load("avt_synth_v2.json")
   assert folds == json.loads(json.dumps(folds_lib.synth_v2_folds()))
-  speakers = [f"synth_s{s:02d}" for s in range(30)]
-  _check_partition(folds, speakers)
-  for k, f in enumerate(folds["folds"]):
-    assert f["test"] == speakers[6 * k:6 * k + 6]
-    assert f["validation"] == speakers[6 * ((k + 1) % 5):6 * ((k + 1) % 5) + 4]
-    assert len(f["train"]) == 20
+  _check_speaker_blocks(folds, [f"synth_s{s:02d}" for s in range(30)], block=6, num_validation=4)
 
 
 def test_synth_v2_pool_folds_cover_the_held_out_pool_speakers():
   folds = _load("avt_synth_v2_pool.json")
   assert folds == json.loads(json.dumps(folds_lib.synth_v2_pool_folds()))
   speakers = [f"synthval_s{s:02d}" for s in range(10)]
-  _check_partition(folds, speakers)
-  for k, f in enumerate(folds["folds"]):
-    assert f["test"] == speakers[2 * k:2 * k + 2]
-    assert f["validation"] == speakers[2 * ((k + 1) % 5):2 * ((k + 1) % 5) + 2]
-    assert len(f["train"]) == 6
+  _check_speaker_blocks(folds, speakers, block=2, num_validation=2)
   # Disjoint from the benchmark's own folds: a choice made on the pool sees none of their speakers.
   benchmark = {g for f in _load("avt_synth_v2.json")["folds"] for g in f["test"]}
   assert not benchmark & set(speakers)

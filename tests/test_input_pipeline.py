@@ -423,11 +423,8 @@ def test_worker_batches_are_not_overwritten_while_in_use(raw_dir):
 def test_worker_errors_name_the_batch_and_the_record(tmp_path):
   root = str(tmp_path)
   write_dataset(root, [make_clip(i, 3) for i in range(4)], num_shards=1)
-  with open(os.path.join(root, "shards", "clips-00000-of-00001.array_record"), "r+b") as f:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
   media = [n for n in os.listdir(os.path.join(root, "shards")) if n.endswith(".media")]
-  assert media and size
+  assert media
   os.truncate(os.path.join(root, "shards", media[0]), 10)  # every record's arrays now point past the file's end
   it = iter(ip.make_dataset(root, split="eval", global_batch_size=2, seed=0, max_tokens=3, process_index=0,
                             process_count=1, worker_count=1))

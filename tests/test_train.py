@@ -81,15 +81,20 @@ def _wait_for(path, proc, timeout=240):
     time.sleep(0.01)
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
-  wd = str(tmp_path / "killed")
-  proc = subprocess.Popen(_cmd(wd, *LONG), env=_env(1), cwd=REPO, stdout=subprocess.DEVNULL,
+def _kill_after_first_checkpoint(wd, *overrides):
+  """Starts the LONG run and SIGKILLs it once checkpoint 10 exists (before it finishes)."""
+  proc = subprocess.Popen(_cmd(wd, *LONG, *overrides), env=_env(1), cwd=REPO, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   _wait_for(os.path.join(wd, "checkpoints", "10"), proc)
   proc.send_signal(signal.SIGSTOP)  # Freeze it at once, then kill it without any chance to clean up.
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not os.path.exists(os.path.join(wd, "checkpoints", "40")), "the run finished before it was killed"
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
+  wd = str(tmp_path / "killed")
+  _kill_after_first_checkpoint(wd)
   _run(wd, *LONG)
   _assert_same_params(_params(uninterrupted, 40), _params(wd, 40))
   # Same data order and updates after the resume: every logged training loss equals the uninterrupted run's.
@@ -103,13 +108,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
 
 def test_runs_with_prefetch_workers_equal_the_run_without_and_resume_with_another_count(uninterrupted, tmp_path):
   wd = str(tmp_path / "workers")
-  proc = subprocess.Popen(_cmd(wd, *LONG, "--config.data.worker_count=1"), env=_env(1), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  _wait_for(os.path.join(wd, "checkpoints", "10"), proc)
-  proc.send_signal(signal.SIGSTOP)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not os.path.exists(os.path.join(wd, "checkpoints", "40")), "the run finished before it was killed"
+  _kill_after_first_checkpoint(wd, "--config.data.worker_count=1")
   with open(os.path.join(wd, "checkpoints", "10", checkpointing.DATA_ITER, "process_0-of-1.json")) as f:
     assert json.load(f) == {"next_index": 10}  # the batch position, whatever the number of workers
   _run(wd, *LONG, "--config.data.worker_count=2")
