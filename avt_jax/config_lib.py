@@ -129,6 +129,7 @@ def base_config(mode: str = "pretrain") -> ml_collections.ConfigDict:
   c.peak_flops = 0.0                # per device, for MFU; 0 = from the device kind table
   c.allow_resume_changes = ""       # comma-separated config fields (or 'process_count') a resume may change
   c.prng_impl = ""                  # dropout / masking keys of the train step: threefry | rbg | unsafe_rbg | ''
+  c.reuse_host_memory = True        # keep freed host memory for the next step (avt_jax/host_memory.py)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.mesh.rules = ()                 # () = avt_jax.sharding.DEFAULT_RULES

@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from avt_jax import host_memory
+
 config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py[:variant]).",
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, TensorBoard). Default: config.workdir.")
@@ -77,6 +79,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.config.get("reuse_host_memory", True):
+    host_memory.keep_freed_memory()  # before JAX starts its runtime threads
   if _should_initialize_distributed():
     initialize_distributed()
   from avt_jax import checkpointing, records, train, writers  # pylint: disable=g-import-not-at-top
