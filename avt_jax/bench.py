@@ -3,7 +3,8 @@
   python -m avt_jax.bench --size=base,large --batch=64,512 --dtype=bfloat16 [--mesh=data=-1] [--steps=20]
       [--seq=100] [--features=512,17] [--remat=false,true] [--scan_layers=false] [--grad_accum=1]
       [--prng_impl=threefry2x32,rbg,unsafe_rbg] [--dropout_masks=counter,jax] [--fused_qkv] [--rounds=5]
-      [--loader=<prepared dir>] [--peak_flops=...] [--compare_dtypes] [--json=<file>]
+      [--loader=<prepared dir>] [--peak_flops=...] [--compare_dtypes] [--json=<file>] [--reuse_host_memory=false]
+      [--profile [--profile_top=15]]
 
 For every combination of the list flags the pretraining train step of `avt_jax.train` (masked-frame
 reconstruction, BERT-Adam update, sharded with the default rules on the given mesh) is compiled and run on a
@@ -27,22 +28,37 @@ list a single configuration per run for an exact peak.
 clips/s, including the transfer onto the devices), so one can see which side limits training.
 `--compare_dtypes` trains a few steps of the same model on the same batches in float32 and bfloat16 and prints the
 losses side by side (a correctness check for the low-precision path).
+
+`--profile` traces `--steps` steps of the first configuration with `jax.profiler` (after `--warmup`) and prints,
+per step: wall time, the process's user and system CPU time and page faults (`getrusage`), and the XLA ops' own
+time summed over threads by pass (forward, backward, update: the optimizer and clipping, outside the model's
+scope), by part of the model (attention core, attention projections, feed-forward, LayerNorm, dropout, residual
+adds, frontends, reconstruction heads) and by kind (matrix products, i.e. fusions holding a dot, against
+elementwise work and reductions), then the most expensive single ops. Ops are matched to the model through the
+compiled HLO's op_name metadata (the Flax module path; `transpose(` marks the backward pass). Work a matrix
+library spreads over helper threads is only partly traced, so the sums are a lower bound of the CPU time: compare
+parts within one report, and wall times only side by side (`--rounds`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import re
+import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from avt_jax import config_lib, costs, input_pipeline, sharding, tasks, train
+from avt_jax import config_lib, costs, host_memory, input_pipeline, sharding, tasks, train
 from avt_jax import setup as setup_lib
 from avt_jax.models import avt
 
@@ -404,6 +420,148 @@ COLUMNS = (("size", "{}"), ("batch", "{}"), ("dtype", "{}"), ("mesh", "{}"), ("r
            ("peak GiB", "{:.3g}"))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Profile: where the step's time goes (--profile).
+
+
+# Trace events that are not XLA ops: executor and thread-pool bookkeeping, Python frames.
+_NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end:", "$", "PjitFunction",
+            "CommonPjRtLoadedExecutable", "ParseArguments", "Handle inputs")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(.*?op_name=\"([^\"]*)\"", re.M)
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{$")
+
+
+def op_metadata(hlo_text: str) -> dict[str, tuple[str, str, bool]]:
+  """{instruction: (shape, op_name, is a matrix product)} of the compiled module's instructions with metadata.
+
+  A fusion is a matrix product when its fused computation contains a dot or a convolution (a dot library's fusion
+  may also be a plain reduction)."""
+  has_product, current = set(), None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(1)
+    elif current and re.search(r" (dot|convolution)\(", line):
+      has_product.add(current)
+  meta = {}
+  for m in _INSTRUCTION.finditer(hlo_text):
+    name, shape, opcode, op_name = m.groups()
+    calls = re.search(r"calls=%?([\w.\-]+)", m.group(0))
+    product = opcode in ("dot", "convolution") or bool(calls and calls.group(1) in has_product)
+    meta[name] = (shape, op_name, product)
+  return meta
+
+
+def classify(op_name: str, product: bool) -> tuple[str, str, str]:
+  """(pass, part, kind) of one XLA op from its op_name metadata and whether it is a matrix product."""
+  kind = "matmul" if product else "elementwise / reduce"
+  if "Model)" not in op_name and "Model/" not in op_name:  # outside the model's apply: loss scaling, update
+    return "update", "optimizer and clipping", kind
+  pass_ = "backward" if "transpose(" in op_name else "forward"
+  path = op_name.split("Model)")[-1] if "Model)" in op_name else op_name
+  if "Dropout" in path or "dropout" in path:
+    part = "dropout"
+  elif re.search(r"attention/(query|key|value|out)/", path):
+    part = "attention projections"
+  elif "attention/" in path:
+    part = "attention core (QK, softmax, AV)"
+  elif re.search(r"/fc[12]/|relu", path):
+    part = "feed-forward"
+  elif "/ln_" in path:
+    part = "LayerNorm"
+  elif "recon_" in path:
+    part = "reconstruction heads"
+  elif "frontend" in path:
+    part = "frontends"
+  elif re.search(r"layer_\d+/add", path) or "add_any" in path:
+    part = "residual adds"
+  else:
+    part = "other model ops (embedding, loss, masking)"
+  return pass_, part, kind
+
+
+def trace_steps(step: "Step", state, batch, rng, steps: int, trace_dir: str):
+  """Runs `steps` traced steps; (state, wall seconds per step, rusage before, rusage after)."""
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  jax.profiler.start_trace(trace_dir)
+  times = []
+  try:
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, out = step(state, batch, rng)
+      jax.block_until_ready((state, out))
+      times.append(time.perf_counter() - t0)
+  finally:
+    jax.profiler.stop_trace()
+  return state, times, r0, resource.getrusage(resource.RUSAGE_SELF)
+
+
+def op_times(trace_dir: str) -> collections.Counter:
+  """{op name: nanoseconds summed over all threads} of the newest trace under trace_dir."""
+  files = sorted(Path(trace_dir).glob("plugins/profile/*/*.xplane.pb"))
+  if not files:
+    raise FileNotFoundError(f"no .xplane.pb trace under {trace_dir}")
+  data = jax.profiler.ProfileData.from_file(str(files[-1]))
+  total = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      for ev in line.events:
+        if not ev.name.startswith(_NOT_OPS):
+          total[ev.name] += ev.duration_ns
+  return total
+
+
+def summarize(times_ns: collections.Counter, meta: dict[str, tuple[str, str, bool]], steps: int):
+  """(rows [(pass, part, kind, ms per step)], top ops [(ms per step, name, shape, op_name)], unmatched ms)."""
+  groups, top, unmatched = collections.Counter(), [], 0.0
+  for name, ns in times_ns.items():
+    ms = ns / 1e6 / steps
+    shape, op_name, product = meta.get(name, ("", "", False))
+    if not op_name:
+      unmatched += ms
+      continue
+    groups[classify(op_name, product)] += ms
+    top.append((ms, name, shape, op_name))
+  rows = [(*k, v) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+  return rows, sorted(top, reverse=True), unmatched
+
+
+def profile_train_step(config, *, steps: int = 3, warmup: int = 2, top: int = 15, trace_dir: str = "") -> str:
+  """Traces `steps` steps of `config` after `warmup` and returns the report of --profile (module docstring)."""
+  step = Step(config)
+  meta = op_metadata(step.compile().as_text())
+  rng = train.step_key(config)
+  state, batch = step.init_state(), step.batch(0)
+  state, _, _ = _timed(step, state, batch, rng, 0, warmup)
+  with tempfile.TemporaryDirectory() as tmp:
+    state, times, r0, r1 = trace_steps(step, state, batch, rng, steps, trace_dir or tmp)
+    rows, top_ops, unmatched = summarize(op_times(trace_dir or tmp), meta, steps)
+  n = steps
+  faults = (r1.ru_minflt - r0.ru_minflt) / n
+  lines = [f"{config.model.size} b{config.batch_size} {config.model.dtype} T={config.data.max_tokens} on "
+           f"{jax.devices()[0].device_kind}, {n} traced steps",
+           f"wall {statistics.median(times) * 1e3:.1f} ms per step (median) | CPU user "
+           f"{(r1.ru_utime - r0.ru_utime) / n * 1e3:.0f} ms, system {(r1.ru_stime - r0.ru_stime) / n * 1e3:.0f} ms | "
+           f"page faults {faults:,.0f} ({faults * 4096 / 2 ** 20:,.0f} MiB of 4 KiB pages) per step"]
+  traced = sum(r[3] for r in rows) + unmatched
+  lines += ["", f"XLA ops, thread time summed over threads: {traced:.1f} ms per step", "",
+            "| pass | part | kind | ms per step | share |", "|---|---|---|---|---|"]
+  lines += [f"| {p} | {part} | {kind} | {ms:.1f} | {100 * ms / traced:.1f}% |" for p, part, kind, ms in rows]
+  if unmatched:
+    lines.append(f"| - | ops without metadata | - | {unmatched:.1f} | {100 * unmatched / traced:.1f}% |")
+  for label, idx in (("pass", 0), ("kind", 2)):
+    totals = collections.Counter()
+    for r in rows:
+      totals[r[idx]] += r[3]
+    lines += ["", f"by {label}: " + ", ".join(f"{k} {v:.1f} ms ({100 * v / traced:.0f}%)"
+                                               for k, v in totals.most_common())]
+  lines += ["", f"top {top} ops:"]
+  lines += [f"  {ms:7.2f} ms  {name:28s} {shape:28s} {op_name[-90:]}" for ms, name, shape, op_name in top_ops[:top]]
+  return "\n".join(lines)
+
+
 def _cells(r: Result) -> list[str]:
   values = (r.size, r.batch, r.dtype, r.mesh, "y" if r.remat else "n", "y" if r.scan_layers else "n", r.grad_accum,
             r.prng, r.masks, r.compile_s, r.step_ms, r.step_ms_range or "-", r.clips_per_s, r.tflops_per_device, r.mfu,
@@ -448,6 +606,11 @@ def _define_flags():
                        "times (side by side on a machine whose speed drifts; the range column shows the drift).")
   flags.DEFINE_bool("compile_only", False, "Only compile: compile time, memory estimate and FLOP ratio.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
+  flags.DEFINE_bool("profile", False, "Trace --steps steps of the first configuration with jax.profiler and print "
+                    "where the time goes (by pass, model part and kind), instead of the timing table.")
+  flags.DEFINE_integer("profile_top", 15, "With --profile: the most expensive single ops to list.")
+  flags.DEFINE_bool("reuse_host_memory", True, "Keep freed host memory for the next step, as training does "
+                    "(config.reuse_host_memory, avt_jax/host_memory.py); false measures without it.")
   flags.DEFINE_integer("seq", 100, "Tokens per clip (T).")
   flags.DEFINE_list("features", ["512", "17"], "Audio and visual feature widths.")
   flags.DEFINE_list("remat", ["false"], "Rematerialise layers: false, true or both.")
@@ -483,6 +646,8 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if f.reuse_host_memory:
+    host_memory.keep_freed_memory()  # before JAX starts its runtime threads, as avt_jax.main does
   audio_dim, visual_dim = (int(x) for x in f.features)
   mesh = parse_mesh(f.mesh)
   print(_device_line(), flush=True)
@@ -503,6 +668,9 @@ def main(argv):
                                               remat=remat, scan_layers=scan, grad_accum=accum,
                                               attention_impl=f.attention_impl, prng_impl=prng,
                                               fused_qkv=f.fused_qkv, **extra))
+  if f.profile:
+    print(profile_train_step(configs[0], steps=f.steps, warmup=f.warmup, top=f.profile_top))
+    return
   if f.rounds > 1 and not f.compile_only:
     print(f"{len(configs)} configurations compiled first, then timed in turn, {f.rounds} rounds of {f.steps} steps",
           flush=True)

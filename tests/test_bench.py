@@ -155,3 +155,45 @@ def test_round_robin_times_every_configuration_in_each_round():
     low, high = (float(x) for x in r.step_ms_range.split("-"))
     assert low <= round(r.step_ms) + 1 and r.step_ms <= high + 1  # the overall median lies within the rounds'
     np.testing.assert_allclose(r.clips_per_s, 4 / (r.step_ms / 1e3), rtol=1e-9)
+
+
+def test_profile_attributes_ops_to_model_parts():
+  fwd = "jit(train_step)/jvp(PretrainModel)/encoder/joint/layer_1/"
+  bwd = "jit(train_step)/transpose(jvp(PretrainModel))/encoder/cross_visual_audio/layer_0/"
+  assert bench.classify(fwd + "fc1/dot_general", True) == ("forward", "feed-forward", "matmul")
+  assert bench.classify(bwd + "attention/key/...e,enh->...nh/dot_general", True)[:2] == (
+      "backward", "attention projections")
+  assert bench.classify(bwd + "attention/vmap()/reduce_sum", False) == (
+      "backward", "attention core (QK, softmax, AV)", "elementwise / reduce")
+  assert bench.classify(fwd + "Dropout_1/jit(_where)/select_n", False)[1] == "dropout"
+  assert bench.classify(fwd + "ln_mlp/add", False)[1] == "LayerNorm"
+  assert bench.classify("jit(train_step)/add", False)[:2] == ("update", "optimizer and clipping")
+  # A fusion counts as a matrix product only when its fused computation holds a dot.
+  hlo = """%fused_computation.1 (p: f32[4,8]) -> f32[4] {
+  %r = f32[4]{0} reduce(%p, %c), dimensions={1}, to_apply=%add
+}
+%fused_computation.2 (p: f32[4,8], q: f32[8,3]) -> f32[4,3] {
+  %d = f32[4,3]{1,0} dot(%p, %q), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+ENTRY %main (a: f32[4,8], b: f32[8,3]) -> f32[4,3] {
+  %ynn_fusion.1 = f32[4]{0} fusion(%a), kind=kCustom, calls=%fused_computation.1, metadata={op_name="x/reduce_sum"}
+  %ynn_fusion.2 = f32[4,3]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.2, metadata={op_name="x/dot"}
+}
+"""
+  meta = bench.op_metadata(hlo)
+  assert meta["ynn_fusion.1"] == ("f32[4]{0}", "x/reduce_sum", False)
+  assert meta["ynn_fusion.2"] == ("f32[4,3]{1,0}", "x/dot", True)
+
+
+def test_profile_runs_and_accounts_for_the_traced_time():
+  cmd = [sys.executable, "-m", "avt_jax.bench", "--size=tiny", "--batch=2", "--seq=16", "--dtype=float32", "--steps=1",
+         "--warmup=1", "--profile", "--profile_top=3"]
+  proc = subprocess.run(cmd, env=_cpu_env(), cwd=config_lib.REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  traced = float(re.search(r"thread time summed over threads: ([\d.]+) ms", proc.stdout).group(1))
+  rows = re.findall(r"^\| (forward|backward|update|-) \| [^|]+ \| [^|]+ \| ([\d.]+) \| ([\d.]+)% \|$", proc.stdout,
+                    re.M)
+  assert {r[0] for r in rows} >= {"forward", "backward", "update"}, proc.stdout
+  assert abs(sum(float(r[2]) for r in rows) - 100) < 1.0, proc.stdout  # every traced op is in one row
+  assert abs(sum(float(r[1]) for r in rows) - traced) < 0.05 * len(rows) + 0.05, proc.stdout
+  assert re.search(r"by kind: .*matmul", proc.stdout) and "page faults" in proc.stdout
