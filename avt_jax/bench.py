@@ -31,8 +31,8 @@ losses side by side (a correctness check for the low-precision path).
 
 `--profile` traces `--steps` steps of the first configuration with `jax.profiler` (after `--warmup`) and prints,
 per step: wall time, the process's user and system CPU time and page faults (`getrusage`), and the XLA ops' own
-time summed over threads by pass (forward, backward, update: the optimizer and clipping, outside the model's
-scope), by part of the model (attention core, attention projections, feed-forward, LayerNorm, dropout, residual
+time summed over threads by pass (forward, backward, update: the optimizer, the clipping and the loss, outside
+the model's scope), by part of the model (attention core, attention projections, feed-forward, LayerNorm, dropout, residual
 adds, frontends, reconstruction heads) and by kind (matrix products, i.e. fusions holding a dot, against
 elementwise work and reductions), then the most expensive single ops. Ops are matched to the model through the
 compiled HLO's op_name metadata (the Flax module path; `transpose(` marks the backward pass). Work a matrix
@@ -47,7 +47,6 @@ import dataclasses
 import json
 import math
 import re
-import resource
 import statistics
 import tempfile
 import time
@@ -455,8 +454,8 @@ def op_metadata(hlo_text: str) -> dict[str, tuple[str, str, bool]]:
 def classify(op_name: str, product: bool) -> tuple[str, str, str]:
   """(pass, part, kind) of one XLA op from its op_name metadata and whether it is a matrix product."""
   kind = "matmul" if product else "elementwise / reduce"
-  if "Model)" not in op_name and "Model/" not in op_name:  # outside the model's apply: loss scaling, update
-    return "update", "optimizer and clipping", kind
+  if "Model)" not in op_name and "Model/" not in op_name:  # outside the model's apply
+    return "update", "optimizer, clipping, loss", kind
   pass_ = "backward" if "transpose(" in op_name else "forward"
   path = op_name.split("Model)")[-1] if "Model)" in op_name else op_name
   if "Dropout" in path or "dropout" in path:
@@ -482,6 +481,7 @@ def classify(op_name: str, product: bool) -> tuple[str, str, str]:
 
 def trace_steps(step: "Step", state, batch, rng, steps: int, trace_dir: str):
   """Runs `steps` traced steps; (state, wall seconds per step, rusage before, rusage after)."""
+  import resource  # pylint: disable=g-import-not-at-top  (Unix only; the rest of the module is not)
   r0 = resource.getrusage(resource.RUSAGE_SELF)
   jax.profiler.start_trace(trace_dir)
   times = []

@@ -167,7 +167,7 @@ def test_profile_attributes_ops_to_model_parts():
       "backward", "attention core (QK, softmax, AV)", "elementwise / reduce")
   assert bench.classify(fwd + "Dropout_1/jit(_where)/select_n", False)[1] == "dropout"
   assert bench.classify(fwd + "ln_mlp/add", False)[1] == "LayerNorm"
-  assert bench.classify("jit(train_step)/add", False)[:2] == ("update", "optimizer and clipping")
+  assert bench.classify("jit(train_step)/add", False)[:2] == ("update", "optimizer, clipping, loss")
   # A fusion counts as a matrix product only when its fused computation holds a dot.
   hlo = """%fused_computation.1 (p: f32[4,8]) -> f32[4] {
   %r = f32[4]{0} reduce(%p, %c), dimensions={1}, to_apply=%add
