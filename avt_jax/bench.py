@@ -480,20 +480,12 @@ def classify(op_name: str, product: bool) -> tuple[str, str, str]:
 
 
 def trace_steps(step: "Step", state, batch, rng, steps: int, trace_dir: str):
-  """Runs `steps` traced steps; (state, wall seconds per step, rusage before, rusage after)."""
+  """`_timed` of `steps` steps under jax.profiler; (wall seconds per step, rusage before, rusage after)."""
   import resource  # pylint: disable=g-import-not-at-top  (Unix only; the rest of the module is not)
   r0 = resource.getrusage(resource.RUSAGE_SELF)
-  jax.profiler.start_trace(trace_dir)
-  times = []
-  try:
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, out = step(state, batch, rng)
-      jax.block_until_ready((state, out))
-      times.append(time.perf_counter() - t0)
-  finally:
-    jax.profiler.stop_trace()
-  return state, times, r0, resource.getrusage(resource.RUSAGE_SELF)
+  with jax.profiler.trace(trace_dir):
+    _, _, times = _timed(step, state, batch, rng, 0, steps)
+  return times, r0, resource.getrusage(resource.RUSAGE_SELF)
 
 
 def op_times(trace_dir: str) -> collections.Counter:
@@ -528,16 +520,16 @@ def summarize(times_ns: collections.Counter, meta: dict[str, tuple[str, str, boo
   return rows, sorted(top, reverse=True), unmatched
 
 
-def profile_train_step(config, *, steps: int = 3, warmup: int = 2, top: int = 15, trace_dir: str = "") -> str:
+def profile_train_step(config, *, steps: int = 3, warmup: int = 2, top: int = 15) -> str:
   """Traces `steps` steps of `config` after `warmup` and returns the report of --profile (module docstring)."""
   step = Step(config)
   meta = op_metadata(step.compile().as_text())
   rng = train.step_key(config)
   state, batch = step.init_state(), step.batch(0)
   state, _, _ = _timed(step, state, batch, rng, 0, warmup)
-  with tempfile.TemporaryDirectory() as tmp:
-    state, times, r0, r1 = trace_steps(step, state, batch, rng, steps, trace_dir or tmp)
-    rows, top_ops, unmatched = summarize(op_times(trace_dir or tmp), meta, steps)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    times, r0, r1 = trace_steps(step, state, batch, rng, steps, trace_dir)
+    rows, top_ops, unmatched = summarize(op_times(trace_dir), meta, steps)
   n = steps
   faults = (r1.ru_minflt - r0.ru_minflt) / n
   lines = [f"{config.model.size} b{config.batch_size} {config.model.dtype} T={config.data.max_tokens} on "
