@@ -119,10 +119,12 @@ def test_runs_with_prefetch_workers_equal_the_run_without_and_resume_with_anothe
     assert got[step] == full[step], step
 
 
-def test_sigterm_saves_and_relaunch_finishes_identically(uninterrupted, tmp_path):
+@pytest.mark.parametrize("every", [10, 1], ids=["between_checkpoints", "on_a_checkpointed_step"])
+def test_sigterm_saves_and_relaunch_finishes_identically(uninterrupted, tmp_path, every):
+  # Checkpointing every step, the signal always arrives at a step that was just saved: the stop saves nothing new.
   wd = str(tmp_path / "preempted")
-  proc = subprocess.Popen(_cmd(wd, *LONG), env=_env(1), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(_cmd(wd, *LONG, f"--config.checkpoint_every_steps={every}"), env=_env(1), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   _wait_for(os.path.join(wd, "checkpoints", "10"), proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
