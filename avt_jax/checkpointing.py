@@ -335,12 +335,10 @@ class SaveMonitor:
       self._fail(step, self._log.cause or "the step was not committed (see the log above)")
     self.last_committed = step
 
-  def has(self, step: int) -> bool:
-    """Whether `step` is committed or being committed by this monitor (or was the latest step when it began)."""
-    return step in (self.pending, self.last_committed)
-
   def save(self, step: int, state: Any, data_iter=None) -> None:
     self.check(wait=True)
+    if step == self.last_committed:
+      return  # e.g. a stop request right after the periodic save of this step: Orbax refuses a second one
     try:
       save(self.manager, step, state, data_iter, force=True)
     except Exception as e:  # pylint: disable=broad-except

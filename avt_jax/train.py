@@ -503,9 +503,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         saver.check()
         if stop.event.is_set() or manager.reached_preemption(step):
           logging.warning("stopping at step %d on request; saving", step)
-          # A signal that arrives right after a periodic save finds this step saved (or saving) already.
-          if (step > start and not saver.has(step) and _finite(jax.device_get(out["loss"]))
-              and bool(all_finite(state["params"]))):
+          if step > start and _finite(jax.device_get(out["loss"])) and bool(all_finite(state["params"])):
             saver.save(step, state, train_iter)
           saver.check(wait=True)
           result["preempted_at"] = step
