@@ -32,8 +32,8 @@ losses side by side (a correctness check for the low-precision path).
 `--profile` traces `--steps` steps of the first configuration with `jax.profiler` (after `--warmup`) and prints,
 per step: wall time, the process's user and system CPU time and page faults (`getrusage`), and the XLA ops' own
 time summed over threads by pass (forward, backward, update: the optimizer, the clipping and the loss, outside
-the model's scope), by part of the model (attention core, attention projections, feed-forward, LayerNorm, dropout, residual
-adds, frontends, reconstruction heads) and by kind (matrix products, i.e. fusions holding a dot, against
+the model's scope), by part of the model (attention core, attention projections, feed-forward, LayerNorm, dropout,
+residual adds, frontends, reconstruction heads) and by kind (matrix products, i.e. fusions holding a dot, against
 elementwise work and reductions), then the most expensive single ops. Ops are matched to the model through the
 compiled HLO's op_name metadata (the Flax module path; `transpose(` marks the backward pass). Work a matrix
 library spreads over helper threads is only partly traced, so the sums are a lower bound of the CPU time: compare

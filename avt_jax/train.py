@@ -91,7 +91,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # `mesh` is safe because checkpoints restore onto any mesh.
 RESUME_SAFE = ("total_steps", "optimizer.total_steps", "log_every_steps", "eval_every_steps", "eval_max_batches",
                "checkpoint_every_steps", "keep_checkpoints", "compilation_cache_dir", "peak_flops", "eval_batch_size",
-               "data.worker_count", "data.device_prefetch", "workdir", "allow_resume_changes", "mesh", "reuse_host_memory")
+               "data.worker_count", "data.device_prefetch", "workdir", "allow_resume_changes", "mesh",
+               "reuse_host_memory")
 # Fields added after runs were first written, with the value that does what those runs did: absent from a saved
 # config and at this value now is no change.
 ADDED_FIELDS = {"prng_impl": "", "model.fused_qkv": False, "model.dropout_masks": "jax"}

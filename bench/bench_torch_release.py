@@ -127,8 +127,9 @@ def main():
     ms = 1e3 * statistics.median(times)
     rows.append((b, ms, b / (ms / 1e3), loss.item()))
 
-  print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
-        f"float32, T={T}, median of {args.steps} steps after {args.warmup} warm-up")
+  print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}, float32, T={T}, median of {args.steps} steps after "
+        f"{args.warmup} warm-up")
   print("\n| batch | step ms (median) | clips/s |\n|---:|---:|---:|")
   for b, ms, cps, _ in rows:
     print(f"| {b} | {ms:.1f} | {cps:.1f} |")
