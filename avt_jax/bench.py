@@ -4,7 +4,7 @@
       [--seq=100] [--features=512,17] [--remat=false,true] [--scan_layers=false] [--grad_accum=1]
       [--prng_impl=threefry2x32,rbg,unsafe_rbg] [--dropout_masks=counter,jax] [--fused_qkv] [--rounds=5]
       [--loader=<prepared dir>] [--peak_flops=...] [--compare_dtypes] [--json=<file>] [--reuse_host_memory=false]
-      [--profile [--profile_top=15]]
+      [--profile [--profile_top=15]] [--products [--products_reps=20]]
 
 For every combination of the list flags the pretraining train step of `avt_jax.train` (masked-frame
 reconstruction, BERT-Adam update, sharded with the default rules on the given mesh) is compiled and run on a
@@ -38,6 +38,13 @@ elementwise work and reductions), then the most expensive single ops. Ops are ma
 compiled HLO's op_name metadata (the Flax module path; `transpose(` marks the backward pass). Work a matrix
 library spreads over helper threads is only partly traced, so the sums are a lower bound of the CPU time: compare
 parts within one report, and wall times only side by side (`--rounds`).
+
+`--products` reads every dot of the first configuration's compiled step (inside fusions too: operand shapes,
+element types, dimension numbers) and times each distinct one alone as a jitted `lax.dot_general` (operands in
+the default layout, median of `--products_reps` calls after one warm-up, less the cost of calling a jitted
+function), then the step itself: how much of the step the products are at this machine's matrix rate, and what
+is left for everything else (normalisation, softmax, dropout, residuals, the optimizer, layout copies). A faster
+step must either run the products faster (another library, precision or shape) or shrink what is left.
 """
 
 from __future__ import annotations
@@ -554,6 +561,119 @@ def profile_train_step(config, *, steps: int = 3, warmup: int = 2, top: int = 15
   return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The step's matrix products, each timed alone (--products).
+
+_DOT_TYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]")
+_HLO_DOT = re.compile(r"= (\w+)\[[\d,]*\]\S* dot\(%([^,\s)]+), %([^,\s)]+)\), (.*?)(?:, metadata=|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+  """One dot of the program: operand shapes and types, output type, dimension numbers."""
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  lhs_type: str
+  rhs_type: str
+  out_type: str
+  lhs_contracting: tuple[int, ...]
+  rhs_contracting: tuple[int, ...]
+  lhs_batch: tuple[int, ...]
+  rhs_batch: tuple[int, ...]
+
+  @property
+  def flops(self) -> float:
+    """2 x every output element x the contracted length."""
+    free_rhs = [d for i, d in enumerate(self.rhs) if i not in self.rhs_contracting and i not in self.rhs_batch]
+    return 2.0 * math.prod(self.lhs) * math.prod(free_rhs)
+
+  def label(self) -> str:
+    return (f"{self.lhs_type}{list(self.lhs)} x {self.rhs_type}{list(self.rhs)} -> {self.out_type}, contract "
+            f"{list(self.lhs_contracting)}/{list(self.rhs_contracting)}"
+            + (f", batch {list(self.lhs_batch)}/{list(self.rhs_batch)}" if self.lhs_batch else ""))
+
+
+def _dims(attrs: str, key: str) -> tuple[int, ...]:
+  m = re.search(key + r"=\{([\d,]*)\}", attrs)
+  return tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+
+
+def dot_products(hlo_text: str) -> collections.Counter:
+  """{Product: its occurrences} in an optimised HLO module's text (a dot in a loop body counts once, as in XLA's
+  cost analysis: use it on steps without scan_layers or gradient accumulation)."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    m = _HLO_INSTRUCTION.match(line)
+    if m:
+      shapes[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+  found = collections.Counter()
+  for line in hlo_text.splitlines():
+    m = _HLO_DOT.search(line)
+    if not m:
+      continue
+    out_type, lhs, rhs, attrs = m.groups()
+    if lhs not in shapes or rhs not in shapes:
+      raise ValueError(f"dot with an operand of unknown shape (%{lhs}, %{rhs}): {line.strip()[:200]}")
+    (lt, ls), (rt, rs) = shapes[lhs], shapes[rhs]
+    found[Product(ls, rs, lt, rt, out_type, _dims(attrs, "lhs_contracting_dims"),
+                  _dims(attrs, "rhs_contracting_dims"), _dims(attrs, "lhs_batch_dims"),
+                  _dims(attrs, "rhs_batch_dims"))] += 1
+  return found
+
+
+def time_product(p: Product, reps: int) -> float:
+  """Median seconds of one jitted lax.dot_general of `p` on constant operands (after one warm-up call)."""
+  for t in (p.lhs_type, p.rhs_type, p.out_type):
+    if t not in _DOT_TYPES:
+      raise ValueError(f"dot of element type {t!r}: expected one of {sorted(_DOT_TYPES)}")
+  lhs = jnp.ones(p.lhs, _DOT_TYPES[p.lhs_type])
+  rhs = jnp.ones(p.rhs, _DOT_TYPES[p.rhs_type])
+  dims = ((p.lhs_contracting, p.rhs_contracting), (p.lhs_batch, p.rhs_batch))
+  fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=_DOT_TYPES[p.out_type]))
+  jax.block_until_ready(fn(lhs, rhs))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(lhs, rhs))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def products_report(config, *, reps: int = 20, steps: int = 5, warmup: int = 2, top: int = 15) -> str:
+  """The report of --products (module docstring) for `config`."""
+  step = Step(config)
+  compiled = step.compile()
+  found = dot_products(compiled.as_text())
+  if not found:
+    raise ValueError("no dot in the compiled step")
+  call_s = time_product(Product((1, 1), (1, 1), "f32", "f32", "f32", (1,), (0,), (), ()), reps)
+  rows = []
+  for p, n in found.items():
+    s = max(time_product(p, reps) - call_s, 1e-9)
+    rows.append((n * s, n, p, p.flops / s))
+  rows.sort(key=lambda r: -r[0])
+  rng = train.step_key(config)
+  _, _, times = _timed(step, step.init_state(), step.batch(0), rng, warmup, steps)
+  step_ms = 1e3 * statistics.median(times)
+  total_s = sum(r[0] for r in rows)
+  total_flops = sum(n * p.flops for _, n, p, _ in rows)
+  m = config.model
+  lines = [f"{m.size} b{config.batch_size} {m.dtype} T={config.data.max_tokens} on {jax.devices()[0].device_kind}",
+           "", "| products (each alone) | count | ms per step | GFLOP/s |", "|---|---|---|---|"]
+  lines += [f"| {p.label()} | {n} | {1e3 * s:.1f} | {rate / 1e9:.0f} |" for s, n, p, rate in rows[:top]]
+  if len(rows) > top:
+    rest = rows[top:]
+    lines.append(f"| {len(rest)} other shapes | {sum(r[1] for r in rest)} | {1e3 * sum(r[0] for r in rest):.1f} | |")
+  lines += ["", f"dots: {sum(found.values())} in {len(found)} shapes, {total_flops / 1e9:.2f} GFLOP "
+            f"(XLA's count for the whole step: {costs.compiled_flops(compiled) / 1e9:.2f})",
+            f"products alone: {1e3 * total_s:.1f} ms, {total_flops / total_s / 1e9:.0f} GFLOP/s (less "
+            f"{1e3 * call_s:.3f} ms per call for calling a jitted function)",
+            f"the step (median of {steps}): {step_ms:.1f} ms; products alone {100 * 1e3 * total_s / step_ms:.0f}% "
+            f"of it, {step_ms - 1e3 * total_s:.1f} ms left for everything else"]
+  return "\n".join(lines)
+
+
 def _cells(r: Result) -> list[str]:
   values = (r.size, r.batch, r.dtype, r.mesh, "y" if r.remat else "n", "y" if r.scan_layers else "n", r.grad_accum,
             r.prng, r.masks, r.compile_s, r.step_ms, r.step_ms_range or "-", r.clips_per_s, r.tflops_per_device, r.mfu,
@@ -601,6 +721,9 @@ def _define_flags():
   flags.DEFINE_bool("profile", False, "Trace --steps steps of the first configuration with jax.profiler and print "
                     "where the time goes (by pass, model part and kind), instead of the timing table.")
   flags.DEFINE_integer("profile_top", 15, "With --profile: the most expensive single ops to list.")
+  flags.DEFINE_bool("products", False, "Time every matrix product of the first configuration's compiled step alone "
+                    "and the step itself, and print how much of the step they are, instead of the timing table.")
+  flags.DEFINE_integer("products_reps", 20, "With --products: timed calls of each distinct product.")
   flags.DEFINE_bool("reuse_host_memory", True, "Keep freed host memory for the next step, as training does "
                     "(config.reuse_host_memory, avt_jax/host_memory.py); false measures without it.")
   flags.DEFINE_integer("seq", 100, "Tokens per clip (T).")
@@ -662,6 +785,9 @@ def main(argv):
                                               fused_qkv=f.fused_qkv, **extra))
   if f.profile:
     print(profile_train_step(configs[0], steps=f.steps, warmup=f.warmup, top=f.profile_top))
+    return
+  if f.products:
+    print(products_report(configs[0], reps=f.products_reps, steps=f.steps, warmup=f.warmup, top=f.profile_top))
     return
   if f.rounds > 1 and not f.compile_only:
     print(f"{len(configs)} configurations compiled first, then timed in turn, {f.rounds} rounds of {f.steps} steps",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -197,3 +198,34 @@ def test_profile_runs_and_accounts_for_the_traced_time():
   assert abs(sum(float(r[2]) for r in rows) - 100) < 1.0, proc.stdout  # every traced op is in one row
   assert abs(sum(float(r[1]) for r in rows) - traced) < 0.05 * len(rows) + 0.05, proc.stdout
   assert re.search(r"by kind: .*matmul", proc.stdout) and "page faults" in proc.stdout
+
+
+
+def test_products_reads_every_dot_of_a_compiled_program():
+  x, w = jnp.ones((32, 48)), jnp.ones((48, 64))
+  q, k = jnp.ones((2, 3, 24, 16)), jnp.ones((2, 3, 16, 40))
+  a, b = jnp.ones((40, 24)), jnp.ones((40, 56))
+
+  def f(x, w, q, k, a, b):  # a plain product, a batched one, and one contracting the leading dims (x^T y)
+    return (x @ w).sum() + jnp.einsum("bnij,bnjk->bnik", q, k).sum() + jnp.einsum("ti,tj->ij", a, b).sum()
+
+  found = bench.dot_products(jax.jit(f).lower(x, w, q, k, a, b).compile().as_text())
+  flops = sorted(p.flops for p in found.elements())
+  # By hand: 2 x output elements x contracted length, whatever layout XLA chose for each.
+  assert flops == sorted([2 * 32 * 64 * 48, 2 * (2 * 3 * 24 * 40) * 16, 2 * 24 * 56 * 40]), found
+  batched = [p for p in found if p.lhs_batch]
+  assert len(batched) == 1 and len(batched[0].lhs_batch) == 2 and batched[0].out_type == "f32"
+  assert bench.time_product(batched[0], reps=2) > 0
+
+
+def test_products_command_prints_the_table():
+  cmd = [sys.executable, "-m", "avt_jax.bench", "--size=tiny", "--batch=2", "--seq=20", "--dtype=float32",
+         "--products", "--products_reps=3", "--steps=2", "--warmup=1"]
+  proc = subprocess.run(cmd, env=_cpu_env(), cwd=config_lib.REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  m = re.search(r"^dots: (\d+) in (\d+) shapes, ([\d.]+) GFLOP \(XLA's count for the whole step: ([\d.]+)\)",
+                proc.stdout, re.M)
+  assert m, proc.stdout
+  assert int(m.group(1)) >= int(m.group(2)) > 0
+  assert 0 < float(m.group(3)) <= float(m.group(4)) + 0.01  # the products are part of the step's work
+  assert re.search(r"^the step \(median of 2\): [\d.]+ ms; products alone \d+% of it", proc.stdout, re.M)
