@@ -720,7 +720,8 @@ def _define_flags():
   flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
   flags.DEFINE_bool("profile", False, "Trace --steps steps of the first configuration with jax.profiler and print "
                     "where the time goes (by pass, model part and kind), instead of the timing table.")
-  flags.DEFINE_integer("profile_top", 15, "With --profile: the most expensive single ops to list.")
+  flags.DEFINE_integer("profile_top", 15, "With --profile: the most expensive single ops to list; with --products: "
+                       "the most expensive product shapes.")
   flags.DEFINE_bool("products", False, "Time every matrix product of the first configuration's compiled step alone "
                     "and the step itself, and print how much of the step they are, instead of the timing table.")
   flags.DEFINE_integer("products_reps", 20, "With --products: timed calls of each distinct product.")
