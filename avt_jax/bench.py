@@ -433,7 +433,8 @@ COLUMNS = (("size", "{}"), ("batch", "{}"), ("dtype", "{}"), ("mesh", "{}"), ("r
 # Trace events that are not XLA ops: executor and thread-pool bookkeeping, Python frames.
 _NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end:", "$", "PjitFunction",
             "CommonPjRtLoadedExecutable", "ParseArguments", "Handle inputs")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(.*?op_name=\"([^\"]*)\"", re.M)
+_NAME = r"%?([\w.\-]+)"  # an HLO instruction's name, printed with or without its '%'
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?" + _NAME + r" = (\S+) ([\w\-]+)\(.*?op_name=\"([^\"]*)\"", re.M)
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{$")
 
 
@@ -565,8 +566,8 @@ def profile_train_step(config, *, steps: int = 3, warmup: int = 2, top: int = 15
 # The step's matrix products, each timed alone (--products).
 
 _DOT_TYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
-_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]")
-_HLO_DOT = re.compile(r"= (\w+)\[[\d,]*\]\S* dot\(%([^,\s)]+), %([^,\s)]+)\), (.*?)(?:, metadata=|$)")
+_ARRAY_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?" + _NAME + r" = (\w+)\[([\d,]*)\]")  # name, type, dims
+_DOT = re.compile(r"= (\w+)\[[\d,]*\]\S* dot\(" + _NAME + ", " + _NAME + r"\), (.*?)(?:, metadata=|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -604,12 +605,12 @@ def dot_products(hlo_text: str) -> collections.Counter:
   cost analysis: use it on steps without scan_layers or gradient accumulation)."""
   shapes = {}
   for line in hlo_text.splitlines():
-    m = _HLO_INSTRUCTION.match(line)
+    m = _ARRAY_INSTRUCTION.match(line)
     if m:
       shapes[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
   found = collections.Counter()
   for line in hlo_text.splitlines():
-    m = _HLO_DOT.search(line)
+    m = _DOT.search(line)
     if not m:
       continue
     out_type, lhs, rhs, attrs = m.groups()

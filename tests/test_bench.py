@@ -200,7 +200,6 @@ def test_profile_runs_and_accounts_for_the_traced_time():
   assert re.search(r"by kind: .*matmul", proc.stdout) and "page faults" in proc.stdout
 
 
-
 def test_products_reads_every_dot_of_a_compiled_program():
   x, w = jnp.ones((32, 48)), jnp.ones((48, 64))
   q, k = jnp.ones((2, 3, 24, 16)), jnp.ones((2, 3, 16, 40))
